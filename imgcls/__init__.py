@@ -1,0 +1,1 @@
+"""Parts that train.py composes: data, models, checkpointing."""

@@ -1,0 +1,281 @@
+"""Crash-safe checkpoints: one dict per file, written atomically, loaded without pickle code.
+
+A checkpoint is ONE dict with named keys (model / optimizer / scheduler state_dicts,
+epoch and step counters, `rng_state()`, ...) holding only what
+`torch.load(path, weights_only=True)` accepts: tensors, dicts, lists, tuples, str,
+int, float, bool, None. Loading never runs `weights_only=False`, so a checkpoint
+from an untrusted place cannot execute code.
+
+Writes go to a hidden temp file in the same directory, are fsync'ed, and then
+`os.replace`d over the final name, so a crash or full disk at any instant leaves
+either the old or the new checkpoint complete, never a half-written one. With
+`keep > 1` the previous files survive as `last.1.pt`, `last.2.pt`, ... (newest
+first) and `find_resumable` falls back to them if `last.pt` is unreadable.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = [
+    "CheckpointError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "find_resumable",
+    "backup_path",
+    "rng_state",
+    "set_rng_state",
+    "unwrap_model",
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file exists but cannot be used (corrupt, truncated, unsafe, not a dict)."""
+
+
+def _check_keep(keep: int) -> None:
+    if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
+        raise ValueError(
+            f"keep={keep!r} is invalid; expected an int >= 1 "
+            "(1 = only the latest checkpoint, n = latest plus n-1 backups)"
+        )
+
+
+def backup_path(path: str | Path, index: int) -> Path:
+    """The index-th backup of `path`: last.pt -> last.1.pt (newest backup), last.2.pt, ..."""
+    path = Path(path)
+    assert index >= 1, index
+    return path.with_name(f"{path.stem}.{index}{path.suffix}")
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the renames themselves durable (the directory entry lives in the directory's
+    # own blocks). Best effort: some platforms/filesystems (Windows, some FUSE mounts)
+    # cannot open or fsync a directory, and by now the new file is already in place.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _rotate_backups(path: Path, keep: int, tmp_paths: list[Path]) -> None:
+    """Shift last.(k-1).pt -> last.k.pt, then make last.1.pt a copy of the current `path`.
+
+    `path` itself is never moved or modified here: the newest backup is a hard link (or,
+    where links are unsupported, a fsync'ed copy) put in place with os.replace, so if the
+    final replace of the new checkpoint fails, `path` still holds the previous one.
+    Every step is an os.replace, so each name always refers to a complete file.
+    """
+    for i in range(keep - 1, 1, -1):
+        older = backup_path(path, i - 1)
+        if older.exists():
+            os.replace(older, backup_path(path, i))
+    fd, link_tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".bak.tmp")
+    os.close(fd)
+    link_tmp = Path(link_tmp)
+    tmp_paths.append(link_tmp)
+    link_tmp.unlink()  # os.link needs a free name; mkstemp only reserved a unique one
+    try:
+        os.link(path, link_tmp)
+    except OSError:
+        shutil.copyfile(path, link_tmp)
+        with open(link_tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    os.replace(link_tmp, backup_path(path, 1))
+
+
+def save_checkpoint(state: dict, path: str | Path, keep: int = 1) -> Path:
+    """Atomically write `state` to `path`; with keep > 1 keep keep-1 numbered backups.
+
+    Steps: torch.save into `.<name>.<random>.tmp` in the same directory (same filesystem,
+    so the rename is atomic), flush + fsync it, rotate backups if keep > 1 and `path`
+    exists, os.replace the temp file onto `path`, fsync the directory.
+
+    On any failure (full disk, read-only directory, unpicklable value, Ctrl-C) the temp
+    files are removed, `path` is left byte-identical, and an OSError (for OS errors,
+    same errno) or RuntimeError naming `path` is raised (KeyboardInterrupt is re-raised
+    as is). If the failure hits after backups were rotated, last.1.pt already equals
+    `path` and the oldest backup has been dropped; every file is still complete.
+    Backups numbered >= keep from an earlier run with a larger keep are left alone.
+
+    Returns the final path.
+    """
+    if not isinstance(state, dict):
+        raise ValueError(f"state={type(state).__name__} is invalid; expected a dict of named entries")
+    _check_keep(keep)
+    path = Path(path)
+    if path.name in ("", ".", ".."):
+        raise ValueError(f"path={str(path)!r} is invalid; expected a file path such as 'ckpt/last.pt'")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot create checkpoint directory {path.parent} for {path}: {e}") from e
+
+    tmp_paths: list[Path] = []
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        tmp_paths.append(Path(tmp))
+        if hasattr(os, "fchmod"):  # mkstemp makes 0600; give checkpoints the usual rw-r--r--
+            os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if keep > 1 and path.exists():
+            _rotate_backups(path, keep, tmp_paths)
+        os.replace(tmp, path)
+    except BaseException as e:
+        for p in tmp_paths:
+            try:
+                p.unlink(missing_ok=True)
+            except OSError:
+                pass
+        if not isinstance(e, Exception):  # KeyboardInterrupt / SystemExit: don't mask them
+            raise
+        msg = (
+            f"could not save checkpoint to {path}: {type(e).__name__}: {e}; "
+            f"the previous checkpoint at {path} (if any) is intact"
+        )
+        if isinstance(e, OSError):
+            raise (OSError(e.errno, msg) if e.errno is not None else OSError(msg)) from e
+        raise RuntimeError(msg) from e
+    _fsync_dir(path.parent)
+    return path
+
+
+def _short_reason(e: Exception) -> str:
+    """One informative line of a torch.load error.
+
+    torch's weights_only refusal is a long message whose first lines suggest retrying
+    with weights_only=False (which this module never does); the line that says what
+    was refused starts with "WeightsUnpickler error:". ANSI escapes are stripped.
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        # the reason may sit on the same line or after blank lines
+        rest = [ln.strip() for ln in text.split(marker, 1)[1].splitlines() if ln.strip()]
+        return f"{marker} {rest[0]}" if rest else marker
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[0] if lines else "(no message)"
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint dict onto the CPU with `weights_only=True` (never runs pickle code).
+
+    Raises CheckpointError naming the file and the reason if it is missing, truncated,
+    not a torch/pickle file, contains anything but plain data and tensors (e.g. a
+    pickle whose __reduce__ would call a function), or is not a dict.
+    Tensors come back on the CPU; move them with model.load_state_dict / optimizer
+    .load_state_dict, which copy into the parameters' own devices.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... here
+        raise CheckpointError(
+            f"checkpoint {path} cannot be loaded with weights_only=True "
+            f"(truncated, corrupt, or holds non-data objects): {type(e).__name__}: {_short_reason(e)}"
+        ) from e
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"checkpoint {path} holds a {type(state).__name__}; expected a dict of named entries"
+        )
+    return state
+
+
+def find_resumable(path: str | Path, keep: int) -> tuple[dict, Path] | None:
+    """First loadable of `path`, backup_path(path, 1), ..., backup_path(path, keep-1).
+
+    Returns (state, file) or None when none of those files exists (a fresh run).
+    Each existing but unloadable file is skipped with a UserWarning naming it; if all
+    existing files are unloadable, raises CheckpointError listing them with reasons
+    (better to stop than to silently restart from scratch over a long run).
+    """
+    _check_keep(keep)
+    path = Path(path)
+    candidates = [path] + [backup_path(path, i) for i in range(1, keep)]
+    existing = [p for p in candidates if p.exists()]
+    if not existing:
+        return None
+    if existing[0] != path:
+        warnings.warn(f"checkpoint {path} does not exist; trying backups {[str(p) for p in existing]}",
+                      UserWarning, stacklevel=2)
+    failures = []
+    for p in existing:
+        try:
+            return load_checkpoint(p), p
+        except CheckpointError as e:
+            failures.append(str(e))
+            warnings.warn(f"skipping corrupt checkpoint {p}: {e}", UserWarning, stacklevel=2)
+    raise CheckpointError(
+        f"no loadable checkpoint among {[str(p) for p in existing]}:\n  " + "\n  ".join(failures)
+    )
+
+
+def rng_state() -> dict:
+    """Every RNG that can affect a run, as weights_only-loadable data.
+
+    Keys: "python" (random.getstate() as [version, list of 625 ints, gauss_next]),
+    "torch" (CPU generator, uint8 tensor), and "cuda" (list of uint8 tensors, one per
+    visible device) only when CUDA is available. numpy is not used by this project.
+    DataLoader workers are seeded from the torch CPU generator, so they follow.
+    """
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "python": [version, list(internal), gauss_next],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state()` captured. A "cuda" entry is ignored without CUDA;
+    with a different number of GPUs, the common ones are restored and a warning is given."""
+    for key in ("python", "torch"):
+        if key not in state:
+            raise ValueError(f"rng state lacks key {key!r}; got keys {sorted(state)}, expected those of rng_state()")
+    version, internal, gauss_next = state["python"]
+    random.setstate((int(version), tuple(int(x) for x in internal), gauss_next))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        saved = state["cuda"]
+        n = torch.cuda.device_count()
+        if len(saved) != n:
+            warnings.warn(f"rng state has {len(saved)} CUDA generator(s) but {n} device(s) are visible; "
+                          f"restoring the first {min(len(saved), n)}", UserWarning, stacklevel=2)
+        for i, s in enumerate(saved[:n]):
+            torch.cuda.set_rng_state(s.cpu(), i)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module behind torch.compile (`_orig_mod`) and (Distributed)DataParallel
+    (`.module`), unwrapped repeatedly, so saved state_dict keys have no `_orig_mod.` /
+    `module.` prefixes and load into an unwrapped model of the same architecture."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)  # torch._dynamo OptimizedModule
+        if isinstance(inner, nn.Module):
+            model = inner
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model

@@ -1,0 +1,711 @@
+"""Datasets held as whole uint8 tensors, and a loader that augments them on the device.
+
+Two parts, used by train.py:
+
+* ``load_dataset`` reads one of ``cifar10``, ``cifar100`` (the official python archives),
+  ``image_folder`` (``train/<class>/*`` + ``test/<class>/*``, as a folder or a tar archive)
+  or ``synthetic`` (no files) into a ``Dataset``: uint8 ``[N, 3, H, W]`` images, int64
+  labels, class names and per-channel mean/std. Decoded tensors are cached under
+  ``<root>/cache/`` so that 60,000 JPEGs are decoded once, not once per run.
+* ``DeviceLoader`` keeps a whole split on one device and yields shuffled, randomly
+  cropped and flipped, normalised batches with batched tensor ops only: no Python loop
+  over images, no host-device sync per batch. Every random draw of an epoch is a pure
+  function of ``(seed, epoch)``, so a run resumed at ``(epoch, batch)`` sees exactly the
+  batches an uninterrupted run would have seen.
+
+All paths in messages and logs are absolute. A relative ``data.root`` / ``data.path`` is
+resolved against the project root (the folder that holds ``imgcls/``), never the cwd.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import logging
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+from torchvision.datasets.utils import check_integrity, download_and_extract_archive
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+"""The project root: relative ``data.root`` / ``data.path`` values are resolved against it."""
+
+DATASET_NAMES = ("cifar10", "cifar100", "image_folder", "synthetic")
+
+_CACHE_VERSION = 1  # bump when the cache layout changes: old cache files are then ignored
+_ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+
+# name -> (torchvision class holding the official url/filename/md5 constants,
+#          label key in the batch pickles, class-name key in the meta pickle)
+_OFFICIAL = {
+    "cifar10": (torchvision.datasets.CIFAR10, "labels", "label_names"),
+    "cifar100": (torchvision.datasets.CIFAR100, "fine_labels", "fine_label_names"),
+}
+
+
+class DataNotFoundError(FileNotFoundError):
+    """The data a config asks for is not on disk (and was not, or could not be, downloaded)."""
+
+
+@dataclass
+class Dataset:
+    """One dataset, fully in memory.
+
+    ``*_images`` are uint8 ``[N, 3, H, W]`` (contiguous, 0..255), ``*_labels`` int64 ``[N]``
+    in ``0..len(classes)-1``. ``mean`` / ``std`` are per channel, in 0..1 units (pixel/255),
+    computed from the train images (population std, float64 math). ``source`` is the
+    absolute path the data was read from ("" for synthetic).
+    """
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    name: str = ""
+    source: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------
+# paths, stats, cache
+# --------------------------------------------------------------------------------------
+
+
+def resolve_path(value: str | os.PathLike, key: str = "data.root") -> Path:
+    """Absolute path for a config value: ``~`` expanded, relative -> against PROJECT_ROOT."""
+    if value is None or str(value) == "":
+        raise ValueError(f"{key}: {value!r} is empty; give a folder path (absolute, or relative "
+                         f"to the project root {PROJECT_ROOT})")
+    p = Path(os.path.expanduser(str(value)))
+    if not p.is_absolute():
+        p = PROJECT_ROOT / p
+    return Path(os.path.abspath(p))
+
+
+def normalize_stats(images: torch.Tensor, chunk: int = 2048) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (mean, std) of uint8 ``[N, C, H, W]`` images, in 0..1 units.
+
+    Sums are exact int64 (chunked, so memory stays small), then float64: the population
+    std (ddof=0) over all pixels of all images.
+    """
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[0] == 0:
+        raise ValueError(f"images: expected a non-empty uint8 [N, C, H, W] tensor, got "
+                         f"{images.dtype} {tuple(images.shape)}")
+    c = images.shape[1]
+    s = torch.zeros(c, dtype=torch.int64)
+    ss = torch.zeros(c, dtype=torch.int64)
+    for i in range(0, images.shape[0], chunk):
+        x = images[i:i + chunk].to(torch.int64)
+        s += x.sum(dim=(0, 2, 3))
+        ss += (x * x).sum(dim=(0, 2, 3))
+    n = images.numel() // c
+    mean = s.double() / n
+    var = (ss.double() / n - mean * mean).clamp_min(0.0)
+    return (tuple((mean / 255.0).tolist()), tuple((var.sqrt() / 255.0).tolist()))
+
+
+def _file_key(source: Path, files: Sequence[Path], extra: str = "") -> str:
+    """Short hash of the absolute source path and each file's (relative path, size, mtime_ns)."""
+    h = hashlib.sha1()
+    h.update(f"v{_CACHE_VERSION}\0{source}\0{extra}\0".encode())
+    for rel, f in sorted((str(f.relative_to(source)), f) for f in files):
+        st = f.stat()
+        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+_CACHE_KEYS = ("train_images", "train_labels", "test_images", "test_labels", "classes", "mean", "std")
+
+
+def _load_cache(path: Path) -> dict | None:
+    """The cached tensors at ``path``, or None when absent or unreadable (then rebuilt)."""
+    if not path.is_file():
+        return None
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(d, dict) or any(k not in d for k in _CACHE_KEYS):
+            raise ValueError("missing keys")
+    except Exception as e:  # a cache is disposable: rebuild it rather than fail the run
+        log.warning("ignoring unreadable data cache %s (%s); rebuilding it", path, e)
+        return None
+    log.info("loaded data cache %s", path)
+    return d
+
+
+def _save_cache(path: Path, d: dict) -> None:
+    """``torch.save`` to a temp file in the same folder, then ``os.replace`` (atomic)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(d, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    log.info("wrote data cache %s", path)
+
+
+def _to_dataset(d: dict, name: str, source: Path | str) -> Dataset:
+    return Dataset(
+        train_images=d["train_images"].contiguous(),
+        train_labels=d["train_labels"].to(torch.int64),
+        test_images=d["test_images"].contiguous(),
+        test_labels=d["test_labels"].to(torch.int64),
+        classes=[str(c) for c in d["classes"]],
+        mean=tuple(float(v) for v in d["mean"]),
+        std=tuple(float(v) for v in d["std"]),
+        name=name,
+        source=str(source),
+    )
+
+
+def _cached(name: str, root: Path, source: Path, files: Sequence[Path], build, key_extra: str = "") -> Dataset:
+    """Load ``<root>/cache/<name>-<key>.pt`` or ``build()`` it, add mean/std, save it."""
+    cache = root / "cache" / f"{name}-{_file_key(source, files, key_extra)}.pt"
+    d = _load_cache(cache)
+    if d is None:
+        d = build()
+        d["mean"], d["std"] = normalize_stats(d["train_images"])
+        d["mean"], d["std"] = list(d["mean"]), list(d["std"])
+        _save_cache(cache, d)
+    return _to_dataset(d, name, source)
+
+
+# --------------------------------------------------------------------------------------
+# archives
+# --------------------------------------------------------------------------------------
+
+
+def _safe_members(tf: tarfile.TarFile, archive: Path) -> list[tarfile.TarInfo]:
+    """Members of ``tf``; ValueError for absolute paths, ``..``, links and special files."""
+    out = []
+    for m in tf.getmembers():
+        parts = Path(m.name).parts
+        if m.name.startswith(("/", "\\")) or Path(m.name).is_absolute() or ".." in parts:
+            raise ValueError(f"{archive}: member {m.name!r} has an absolute path or '..'; "
+                             f"refusing to extract this archive (only relative paths inside "
+                             f"the archive are accepted)")
+        if m.issym() or m.islnk() or not (m.isfile() or m.isdir()):
+            raise ValueError(f"{archive}: member {m.name!r} is a link or special file; "
+                             f"refusing to extract this archive (only files and folders are "
+                             f"accepted)")
+        out.append(m)
+    return out
+
+
+def _extract_atomic(archive: Path, dest: Path, subfolder: str | None = None) -> None:
+    """Extract ``archive`` so that ``dest`` appears complete or not at all.
+
+    The archive is extracted into a temp folder next to ``dest``, then renamed into place
+    (``<tmp>/<subfolder>`` when given, else the whole temp folder). If another process
+    got there first, its copy is kept and ours deleted.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.extract-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    log.info("extracting %s -> %s", archive, dest)
+    try:
+        try:
+            with tarfile.open(archive) as tf:
+                members = _safe_members(tf, archive)
+                kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+                tf.extractall(tmp, members=members, **kw)
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise ValueError(f"{archive}: cannot be read as a tar archive ({e}); delete or "
+                             f"replace it") from e
+        src = tmp / subfolder if subfolder else tmp
+        if not src.is_dir():
+            raise ValueError(f"{archive}: holds no folder {subfolder!r}; is it the right archive?")
+        try:
+            os.rename(src, dest)
+        except OSError:
+            if not dest.is_dir():
+                raise
+            log.info("%s was extracted concurrently by another process; using it", dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------
+# official CIFAR archives
+# --------------------------------------------------------------------------------------
+
+
+def _not_found_message(name: str, root: Path, archive: Path, folder: Path, cause: str = "") -> str:
+    lines = [f"data.name={name}: the official archive was not found{cause}.",
+             f"  expected: {archive}",
+             f"        or: its extracted folder {folder}",
+             "Do one of:",
+             f"  data.download=true                      download it into data.root={root}",
+             f"  data.root=/path/with/the/archive        a folder that holds {archive.name}",
+             "  data=image_folder data.path=/path/to/tree_or_archive",
+             "                                          train/<class>/* and test/<class>/* "
+             "images (a folder or .tar.gz)",
+             "  experiment=smoke                        an offline smoke run on synthetic data"]
+    return "\n".join(lines)
+
+
+def _unpickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        d = pickle.load(f, encoding="latin1")
+    return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in d.items()}
+
+
+def _read_official(folder: Path, files: list[str], label_key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 [N,3,32,32] images and int64 labels from official batch pickles in ``folder``."""
+    xs, ys = [], []
+    for fn in files:
+        p = folder / fn
+        d = _unpickle(p)
+        if "data" not in d or label_key not in d:
+            raise ValueError(f"{p}: expected keys 'data' and {label_key!r}, found {sorted(d)}")
+        data = np.asarray(d["data"], dtype=np.uint8)
+        labels = np.asarray(d[label_key], dtype=np.int64)
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != labels.shape[0]:
+            raise ValueError(f"{p}: expected data [N, 3072] and N labels, got data "
+                             f"{data.shape} and {labels.shape[0]} labels")
+        xs.append(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()))
+        ys.append(torch.from_numpy(labels.copy()))
+    return torch.cat(xs).contiguous(), torch.cat(ys)
+
+
+def _load_official(name: str, root: Path, download: bool) -> Dataset:
+    cls, label_key, names_key = _OFFICIAL[name]
+    archive = root / cls.filename
+    folder = root / cls.base_folder
+    train_files = [f for f, _ in cls.train_list]
+    test_files = [f for f, _ in cls.test_list]
+    meta_file = cls.meta["filename"]
+    needed = train_files + test_files + [meta_file]
+
+    if not folder.is_dir():
+        if archive.is_file():
+            if not check_integrity(str(archive), cls.tgz_md5):
+                raise ValueError(f"{archive}: the md5 checksum does not match the official "
+                                 f"{cls.filename} (expected {cls.tgz_md5}); the file is corrupt "
+                                 f"or not the official archive. Delete it and download again "
+                                 f"(data.download=true), or point data.root elsewhere.")
+            _extract_atomic(archive, folder, subfolder=cls.base_folder)
+        elif download:
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = root / f".{cls.base_folder}.download-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            try:
+                download_and_extract_archive(cls.url, download_root=str(root), extract_root=str(tmp),
+                                             filename=cls.filename, md5=cls.tgz_md5)
+                try:
+                    os.rename(tmp / cls.base_folder, folder)
+                except OSError:
+                    if not folder.is_dir():
+                        raise
+            except (OSError, RuntimeError) as e:
+                # our own partial or corrupt download: never leave it to be mistaken for the archive
+                if archive.is_file() and not check_integrity(str(archive), cls.tgz_md5):
+                    archive.unlink()
+                raise DataNotFoundError(_not_found_message(
+                    name, root, archive, folder,
+                    cause=f" and downloading {cls.url} failed ({type(e).__name__}: {e})")) from e
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            raise DataNotFoundError(_not_found_message(name, root, archive, folder))
+
+    missing = [f for f in needed if not (folder / f).is_file()]
+    if missing:
+        raise ValueError(f"{folder}: incomplete, {missing[0]!r} is missing (expected "
+                         f"{needed}); delete the folder so it is extracted again from {archive}")
+
+    def build() -> dict:
+        log.info("parsing %s", folder)
+        xtr, ytr = _read_official(folder, train_files, label_key)
+        xte, yte = _read_official(folder, test_files, label_key)
+        classes = [str(c) for c in _unpickle(folder / meta_file)[names_key]]
+        return {"train_images": xtr, "train_labels": ytr, "test_images": xte,
+                "test_labels": yte, "classes": classes}
+
+    return _cached(name, root, folder, [folder / f for f in needed], build)
+
+
+# --------------------------------------------------------------------------------------
+# image folders
+# --------------------------------------------------------------------------------------
+
+
+def _archive_stem(p: Path) -> str | None:
+    for suf in _ARCHIVE_SUFFIXES:
+        if p.name.lower().endswith(suf):
+            return p.name[: -len(suf)]
+    return None
+
+
+def _find_tree(base: Path) -> Path:
+    """``base`` if it holds ``train/`` and ``test/``, else its single subfolder that does."""
+    if (base / "train").is_dir() and (base / "test").is_dir():
+        return base
+    subs = [d for d in base.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    if len(subs) == 1 and (subs[0] / "train").is_dir() and (subs[0] / "test").is_dir():
+        return subs[0]
+    raise ValueError(f"data.path: {base} holds no train/ and test/ folders (expected "
+                     f"train/<class>/* and test/<class>/*, possibly under one top folder)")
+
+
+def _list_split(split_dir: Path) -> tuple[list[str], list[list[Path]]]:
+    """Sorted class names and, per class, the sorted image files (dotfiles skipped)."""
+    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise ValueError(f"{split_dir}: holds no class folders (expected {split_dir}/<class>/*)")
+    files = []
+    for c in classes:
+        fs = sorted(f for f in (split_dir / c).iterdir() if f.is_file() and not f.name.startswith("."))
+        if not fs:
+            raise ValueError(f"{split_dir / c}: empty class folder; every class folder needs at "
+                             f"least one image (delete it or add images)")
+        files.append(fs)
+    return classes, files
+
+
+def _decode(path: Path) -> np.ndarray:
+    """One image as uint8 [H, W, 3]; ValueError naming the file if PIL cannot read it."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e}); image_folder "
+                         f"accepts only image files that PIL can open") from e
+
+
+def _decode_all(files: list[Path], expected: tuple[int, int] | None, workers: int) -> torch.Tensor:
+    """uint8 [N, 3, H, W] from ``files``; all images must share one size (W, H)."""
+    first = _decode(files[0])
+    exp = expected or (first.shape[1], first.shape[0])
+    out = np.empty((len(files), first.shape[0], first.shape[1], 3), dtype=np.uint8)
+
+    def one(i: int) -> None:
+        a = first if i == 0 else _decode(files[i])
+        if (a.shape[1], a.shape[0]) != exp:
+            raise ValueError(f"{files[i]}: image size {a.shape[1]}x{a.shape[0]} (WxH) differs from "
+                             f"the expected {exp[0]}x{exp[1]} (the first image's, {files[0]}); "
+                             f"image_folder needs all images to have one size")
+        out[i] = a
+
+    def chunk(lo: int, hi: int) -> None:
+        for i in range(lo, hi):
+            one(i)
+
+    step = 512
+    ex = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
+    try:
+        futures = [ex.submit(chunk, lo, min(lo + step, len(files))) for lo in range(0, len(files), step)]
+        for f in futures:
+            f.result()  # re-raises the first failing chunk's error, in file order
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def _load_image_folder(root: Path, path: str | None) -> Dataset:
+    if path is None or str(path) == "":
+        raise ValueError("data.path: None; data.name=image_folder needs data.path, a folder with "
+                         "train/<class>/* and test/<class>/* or a .tar.gz/.tgz/.tar archive of one")
+    src = resolve_path(path, "data.path")
+    if not src.exists():
+        raise ValueError(f"data.path: {src} does not exist; give a folder with train/<class>/* "
+                         f"and test/<class>/* or a .tar.gz/.tgz/.tar archive of one")
+    if src.is_file():
+        stem = _archive_stem(src)
+        if stem is None:
+            raise ValueError(f"data.path: {src} is a file but not a .tar.gz/.tgz/.tar archive; "
+                             f"give a folder or such an archive")
+        dest = root / stem
+        if dest.is_dir():
+            log.info("using %s, extracted earlier from %s", dest, src)
+        else:
+            _extract_atomic(src, dest)
+        base = dest
+    else:
+        base = src
+    tree = _find_tree(base)
+
+    classes, train_files = _list_split(tree / "train")
+    test_classes, test_files = _list_split(tree / "test")
+    if test_classes != classes:
+        raise ValueError(f"{tree / 'test'}: class folders {test_classes} differ from "
+                         f"{tree / 'train'}'s {classes}; test must have the same class names")
+
+    flat_train = [f for fs in train_files for f in fs]
+    flat_test = [f for fs in test_files for f in fs]
+
+    def labels(per_class: list[list[Path]]) -> torch.Tensor:
+        return torch.cat([torch.full((len(fs),), i, dtype=torch.int64) for i, fs in enumerate(per_class)])
+
+    def build() -> dict:
+        workers = max(1, min(8, os.cpu_count() or 1))
+        log.info("decoding %d images under %s (%d threads; cached afterwards)",
+                 len(flat_train) + len(flat_test), tree, workers)
+        xtr = _decode_all(flat_train, None, workers)
+        xte = _decode_all(flat_test, (xtr.shape[3], xtr.shape[2]), workers)
+        return {"train_images": xtr, "train_labels": labels(train_files), "test_images": xte,
+                "test_labels": labels(test_files), "classes": classes}
+
+    return _cached("image_folder", root, tree, flat_train + flat_test, build)
+
+
+# --------------------------------------------------------------------------------------
+# synthetic
+# --------------------------------------------------------------------------------------
+
+
+def _synthetic(n_train: int, n_test: int, num_classes: int, seed: int) -> Dataset:
+    """Learnable 3x32x32 data: per class a random colour + low-frequency template, plus noise.
+
+    Templates are left-right symmetric and smooth (4x4 upsampled to 32x32), so random
+    flips and small crops keep them recognisable.
+    """
+    g = torch.Generator().manual_seed(int(seed))
+    colour = torch.rand(num_classes, 3, 1, 1, generator=g) * 2 - 1
+    coarse = torch.rand(num_classes, 3, 4, 4, generator=g) * 2 - 1
+    coarse = (coarse + coarse.flip(-1)) / 2
+    tmpl = torch.nn.functional.interpolate(coarse, size=(32, 32), mode="bilinear", align_corners=False)
+    tmpl = 128.0 + 40.0 * colour + 60.0 * tmpl  # [C, 3, 32, 32] in pixel units
+
+    def split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = (torch.arange(n) % num_classes)[torch.randperm(n, generator=g)]
+        x = tmpl[y] + 24.0 * torch.randn(n, 3, 32, 32, generator=g)
+        return x.round_().clamp_(0, 255).to(torch.uint8).contiguous(), y
+
+    xtr, ytr = split(n_train)
+    xte, yte = split(n_test)
+    mean, std = normalize_stats(xtr)
+    return Dataset(xtr, ytr, xte, yte, [f"class{i}" for i in range(num_classes)], mean, std,
+                   name="synthetic", source="")
+
+
+# --------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def load_dataset(name: str, root: str, download: bool = False, path: str | None = None,
+                 synthetic_size: tuple[int, int] = (512, 256), num_classes: int = 10,
+                 seed: int = 0) -> Dataset:
+    """Load a dataset whole, as uint8 tensors (see ``Dataset``).
+
+    name: ``cifar10`` | ``cifar100`` (official python archives under ``root``) |
+        ``image_folder`` (``path``: folder or .tar.gz/.tgz/.tar of train/<class>/*,
+        test/<class>/*) | ``synthetic`` (no files).
+    root: the ONE data folder shared by all runs: archives, extracted folders and
+        ``cache/`` live here. ``~`` expanded; relative -> against the project root.
+    download: cifar only: download the official archive into ``root`` (md5 checked).
+    path: image_folder only; resolved like ``root``. An archive is extracted once into
+        ``<root>/<archive name without extension>/`` (reused if that folder exists).
+    synthetic_size: synthetic only: (n_train, n_test) images.
+    num_classes, seed: synthetic only.
+    """
+    if name not in DATASET_NAMES:
+        raise ValueError(f"data.name: {name!r} is not a known dataset; accepted: {list(DATASET_NAMES)}")
+    if name == "synthetic":
+        try:
+            sizes = tuple(synthetic_size)
+        except TypeError:
+            sizes = ()
+        if len(sizes) != 2 or not all(_is_int(v) and v > 0 for v in sizes):
+            raise ValueError(f"data.synthetic_size: {synthetic_size!r}; expected [n_train, n_test], "
+                             f"two positive integers")
+        if not _is_int(num_classes) or num_classes < 2:
+            raise ValueError(f"data.num_classes: {num_classes!r}; expected an integer >= 2")
+        if not _is_int(seed):
+            raise ValueError(f"seed: {seed!r}; expected an integer")
+        return _synthetic(int(sizes[0]), int(sizes[1]), int(num_classes), int(seed))
+
+    root_p = resolve_path(root, "data.root")
+    if root_p.exists() and not root_p.is_dir():
+        raise ValueError(f"data.root: {root_p} exists but is not a folder; give a folder path")
+    if name in _OFFICIAL:
+        ds = _load_official(name, root_p, bool(download))
+    else:
+        root_p.mkdir(parents=True, exist_ok=True)
+        ds = _load_image_folder(root_p, path)
+    log.info("%s", describe(ds))
+    return ds
+
+
+def describe(ds: Dataset) -> str:
+    """One line: name, split sizes, image size, class count and names, source path."""
+    c, h, w = ds.train_images.shape[1:]
+    names = ", ".join(ds.classes[:10]) + (", ..." if len(ds.classes) > 10 else "")
+    src = f" from {ds.source}" if ds.source else ""
+    return (f"{ds.name or 'dataset'}: {ds.train_images.shape[0]} train / {ds.test_images.shape[0]} "
+            f"test images, {c}x{h}x{w} uint8, {len(ds.classes)} classes ({names}){src}")
+
+
+# --------------------------------------------------------------------------------------
+# device loader
+# --------------------------------------------------------------------------------------
+
+
+def _epoch_seed(*parts: int | str) -> int:
+    """A 63-bit generator seed that is a pure function of ``parts`` (stable across runs)."""
+    digest = hashlib.sha256(repr(tuple(parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _reflect(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """Reflect-pad index map (as ``F.pad(mode='reflect')``): -1 -> 1, n -> n-2. Needs |shift| < n."""
+    idx = idx.abs()
+    return torch.where(idx > n - 1, 2 * (n - 1) - idx, idx)
+
+
+class DeviceLoader:
+    """A whole split as one uint8 tensor on ``device``; yields normalised ``(x, y)`` batches.
+
+    train=True: each epoch is a permutation of all images (``len`` batches; the last,
+    short one dropped when ``drop_last``), each image translated by (dx, dy) in
+    ``[-crop_padding, crop_padding]`` px (a crop of the reflect-padded image) and, with
+    ``flip``, mirrored left-right with p=0.5. All of an epoch's random numbers are drawn on
+    the CPU from a generator seeded by ``(seed, epoch)`` and moved to the device once, so
+    batches are bit-identical for the same (seed, epoch) whatever ran before.
+    ``alternating_flip``: flips follow airbench's scheme instead: in epoch 2k a random half
+    of the images (drawn from ``(seed, k)``) is flipped, in epoch 2k+1 exactly the others.
+    train=False: all images in order, no augmentation; the last batch may be short.
+
+    x: ``dtype`` ``[B, C, H, W]``, ``(pixel/255 - mean) / std``, channels_last if asked.
+    y: int64 ``[B]``. Both on ``device``.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                 device: torch.device | str, mean: Sequence[float], std: Sequence[float],
+                 train: bool, seed: int = 0, crop_padding: int = 4, flip: bool = True,
+                 drop_last: bool = True, channels_last: bool = False,
+                 dtype: torch.dtype = torch.float32, alternating_flip: bool = False):
+        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"images: expected a uint8 [N, C, H, W] tensor, got "
+                             f"{getattr(images, 'dtype', type(images))} {tuple(getattr(images, 'shape', ()))}")
+        n, c, h, w = images.shape
+        if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != n \
+                or labels.dtype != torch.int64:
+            raise ValueError(f"labels: expected an int64 [{n}] tensor, got "
+                             f"{getattr(labels, 'dtype', type(labels))} {tuple(getattr(labels, 'shape', ()))}")
+        if n == 0:
+            raise ValueError("images: empty split (0 images); expected at least one image")
+        if not _is_int(batch_size) or batch_size < 1:
+            raise ValueError(f"batch_size: {batch_size!r}; expected a positive integer")
+        if not _is_int(crop_padding) or not 0 <= crop_padding < min(h, w):
+            raise ValueError(f"crop_padding: {crop_padding!r} px; expected an integer in "
+                             f"[0, {min(h, w) - 1}] (reflect padding needs it below the image size)")
+        mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        if len(mean) != c or len(std) != c or not all(s > 0 for s in std):
+            raise ValueError(f"mean/std: {mean} / {std}; expected {c} values each, std > 0")
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype: {dtype}; expected a floating point dtype")
+
+        self.device = torch.device(device)
+        self.images = images.to(self.device).contiguous()
+        self.labels = labels.to(self.device)
+        self.n, self.c, self.h, self.w = n, c, h, w
+        self.batch_size = int(batch_size)
+        self.train = bool(train)
+        self.seed = int(seed)
+        self.crop_padding = int(crop_padding)
+        self.flip = bool(flip)
+        self.alternating_flip = bool(alternating_flip)
+        self.drop_last = bool(drop_last)
+        self.channels_last = bool(channels_last)
+        self.dtype = dtype
+        # (u8/255 - mean)/std == u8 * scale + shift, in float32
+        std_t = torch.tensor(std, dtype=torch.float64)
+        mean_t = torch.tensor(mean, dtype=torch.float64)
+        self._scale = (1.0 / (255.0 * std_t)).float().view(1, c, 1, 1).to(self.device)
+        self._shift = (-mean_t / std_t).float().view(1, c, 1, 1).to(self.device)
+        self._ar_h = torch.arange(h, device=self.device)
+        self._ar_w = torch.arange(w, device=self.device)
+        if self.train and self.drop_last and n < self.batch_size:
+            raise ValueError(f"batch_size: {batch_size} exceeds the {n} training images; with "
+                             f"drop_last=True an epoch would have no batches (lower batch_size)")
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        if self.train and self.drop_last:
+            return self.n // self.batch_size
+        return -(-self.n // self.batch_size)
+
+    def epoch_plan(self, epoch: int) -> dict[str, torch.Tensor]:
+        """The epoch's random draws, on the CPU, indexed by image id (train only).
+
+        ``perm`` [N] (batch order), ``dx``, ``dy`` [N] px shifts, ``flip`` [N] bool.
+        """
+        g = torch.Generator().manual_seed(_epoch_seed("epoch", self.seed, int(epoch)))
+        perm = torch.randperm(self.n, generator=g)
+        p = self.crop_padding
+        dx = torch.randint(-p, p + 1, (self.n,), generator=g)
+        dy = torch.randint(-p, p + 1, (self.n,), generator=g)
+        flip_draw = torch.rand(self.n, generator=g) < 0.5  # always drawn: keeps streams aligned
+        if not self.flip:
+            flip = torch.zeros(self.n, dtype=torch.bool)
+        elif self.alternating_flip:
+            g2 = torch.Generator().manual_seed(_epoch_seed("altflip", self.seed, int(epoch) // 2))
+            flip = torch.zeros(self.n, dtype=torch.bool)
+            flip[torch.randperm(self.n, generator=g2)[: self.n // 2]] = True
+            if epoch % 2 == 1:
+                flip = ~flip
+        else:
+            flip = flip_draw
+        return {"perm": perm, "dx": dx, "dy": dy, "flip": flip}
+
+    def _normalise(self, xb: torch.Tensor) -> torch.Tensor:
+        x = xb.to(torch.float32).mul_(self._scale).add_(self._shift).to(self.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def epoch_batches(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches ``start_batch..len-1`` of ``epoch`` (identical to those of a full pass)."""
+        nb = len(self)
+        if not _is_int(start_batch) or not 0 <= start_batch <= nb:
+            raise ValueError(f"start_batch: {start_batch!r}; expected an integer in [0, {nb}]")
+        return self._iter(int(epoch), int(start_batch), nb)
+
+    def _iter(self, epoch: int, start: int, nb: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        bs = self.batch_size
+        if not self.train:
+            for b in range(start, nb):
+                sl = slice(b * bs, min((b + 1) * bs, self.n))
+                yield self._normalise(self.images[sl]), self.labels[sl]
+            return
+        plan = {k: v.to(self.device, non_blocking=True) for k, v in self.epoch_plan(epoch).items()}
+        perm = plan["perm"]
+        for b in range(start, nb):
+            idx = perm[b * bs: min((b + 1) * bs, self.n)]
+            yield self._augment(idx, plan), self.labels[idx]
+
+    def _augment(self, idx: torch.Tensor, plan: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Crop (reflect-padded translation) + flip of images ``idx`` as two uint8 gathers."""
+        x = self.images[idx]  # [B, C, H, W] uint8
+        bsz, c, h, w = x.shape
+        # out[i, j] = img[reflect(i + dy), reflect(j' + dx)], j' = W-1-j when flipped else j
+        rows = _reflect(self._ar_h.view(1, h) + plan["dy"][idx].view(-1, 1), h)
+        cols = torch.where(plan["flip"][idx].view(-1, 1), (w - 1) - self._ar_w.view(1, w),
+                           self._ar_w.view(1, w))
+        cols = _reflect(cols + plan["dx"][idx].view(-1, 1), w)
+        x = x.gather(2, rows.view(bsz, 1, h, 1).expand(bsz, c, h, w))
+        x = x.gather(3, cols.view(bsz, 1, 1, w).expand(bsz, c, h, w))
+        return self._normalise(x)
