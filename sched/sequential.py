@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import numbers
+import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -41,7 +42,7 @@ __all__ = [
     "needs_metrics",
 ]
 
-_NO_MILESTONE = float("inf")  # the last phase never ends
+_NO_MILESTONE = sys.maxsize  # the last phase never ends (an int: int/int compares are fastest)
 # Keys that every LRScheduler may have, whatever its class: ignored when a saved state is
 # matched against a phase (they also vary between torch versions, e.g. ``verbose``).
 _COMMON_STATE_KEYS = frozenset({"last_epoch", "base_lrs", "verbose"})
@@ -227,8 +228,9 @@ class SequentialLR(LRScheduler):
     :math:`t` the active phase is :math:`k` = ``phase_index(t, milestones)`` (the number of
     milestones :math:`\le t`), and every param group's learning rate is the one that phase
     :math:`k` would produce at its local step :math:`t - m(k)` had it been built alone on the
-    optimizer at its milestone, with the groups' learning rates at their base values
-    (``initial_lr``). Nothing a phase did carries into the next one.
+    optimizer at its milestone, on the param groups as they were when this SequentialLR was
+    built (learning rates at their base values, ``initial_lr`` where present). Nothing a
+    phase did carries into the next one.
 
     Equal milestones are allowed: the phases between them have length zero and never run
     (``milestones=[0, 0, 1]`` starts in phase 2 and moves to phase 3 at step 1).
@@ -320,13 +322,16 @@ class SequentialLR(LRScheduler):
                     f"got {type(s).__name__} {s!r}"
                 )
         self.optimizer = optimizer
-        for group in optimizer.param_groups:
+        # What the param groups hold now: every callable child is built on exactly this, as
+        # if it were alone; the keys its constructor writes (initial_lr among them) are its own.
+        pristine = _group_snapshot(optimizer)
+        self._schedulers, self._phase_keys = self._build(optimizer, schedulers, pristine)
+        # ...and what the groups go back to when a phase that wrote nothing starts.
+        for group in pristine:
             group.setdefault("initial_lr", _copy(group["lr"]))
-        # What the param groups hold now: every callable child is built on this, and keys a
-        # child's constructor writes are put back to it when another phase starts.
-        self._group_defaults = _group_snapshot(optimizer)
-        self._base_lrs = [g["initial_lr"] for g in self._group_defaults]
-        self._schedulers, self._phase_keys = self._build(optimizer, schedulers)
+        self._group_defaults = pristine
+        self._base_lrs = [g["initial_lr"] for g in pristine]
+        _restore_groups(optimizer, pristine)
         self._phase_key_names = sorted({k for keys in self._phase_keys for g in keys for k in g})
         # Per phase: 1 for ReduceLROnPlateau (step takes metrics), 2 for a SequentialLR of
         # ours (passes metrics on), 0 for the rest (step takes nothing).
@@ -338,37 +343,37 @@ class SequentialLR(LRScheduler):
         if last_epoch > 0:
             self._replay(last_epoch)
 
-    def _build(self, optimizer: Optimizer, schedulers: Sequence[Any]):
+    @staticmethod
+    def _build(optimizer: Optimizer, schedulers: Sequence[Any], pristine: list[dict]):
         built, phase_keys = [], []
         for i, s in enumerate(schedulers):
             if _is_scheduler(s):
                 built.append(s)
                 phase_keys.append([{} for _ in optimizer.param_groups])
                 continue
-            _restore_groups(optimizer, self._group_defaults)
+            _restore_groups(optimizer, pristine)
             child = s(optimizer)
             if not _is_scheduler(child):
-                _restore_groups(optimizer, self._group_defaults)
+                _restore_groups(optimizer, pristine)
                 raise TypeError(
                     f"schedulers[{i}] is a callable that returned {type(child).__name__}, "
                     f"not a learning-rate scheduler"
                 )
             if child.optimizer is not optimizer:
-                _restore_groups(optimizer, self._group_defaults)
+                _restore_groups(optimizer, pristine)
                 raise ValueError(
                     f"schedulers[{i}] built a {type(child).__name__} bound to another optimizer; "
                     f"every phase must schedule the optimizer given to SequentialLR"
                 )
             # Keys (other than lr) that this constructor added or changed belong to this phase.
             keys = []
-            for group, before in zip(optimizer.param_groups, self._group_defaults):
+            for group, before in zip(optimizer.param_groups, pristine):
                 keys.append({
                     k: _copy(v) for k, v in group.items()
                     if k not in ("params", "lr") and (k not in before or not _same(v, before[k]))
                 })
             built.append(child)
             phase_keys.append(keys)
-        _restore_groups(optimizer, self._group_defaults)
         return built, phase_keys
 
     # -- the phase machinery ------------------------------------------------------------
@@ -388,11 +393,17 @@ class SequentialLR(LRScheduler):
         for group, lr in zip(self.optimizer.param_groups, self._base_lrs):
             _set(group, "lr", lr)
         restart(self._schedulers[index])
+        self._activate(index)
+        self._last_lr = self._active.get_last_lr()
+
+    def _activate(self, index: int) -> None:
+        """Cache what step() needs about the active phase (it runs every optimizer step)."""
         self._phase = index
+        self._active = self._schedulers[index]
+        self._active_kind = self._kinds[index]
         self._next_milestone = (
             self._milestones[index] if index < len(self._milestones) else _NO_MILESTONE
         )
-        self._last_lr = self._schedulers[index].get_last_lr()
 
     def _restart(self) -> None:
         """Back to global step 0 (also what a parent composite calls at our milestone)."""
@@ -420,8 +431,8 @@ class SequentialLR(LRScheduler):
             self.last_epoch = step
             self._start_phase(phase_index(step, self._milestones))
             return
-        child = self._schedulers[self._phase]
-        kind = self._kinds[self._phase]
+        child = self._active
+        kind = self._active_kind
         if kind == 0:
             child.step()
         elif kind == 1:
@@ -522,7 +533,5 @@ class SequentialLR(LRScheduler):
             child.load_state_dict(state)
         self._milestones = milestones
         self.last_epoch = int(state_dict["last_epoch"])
-        index = phase_index(self.last_epoch, milestones)
-        self._phase = index
-        self._next_milestone = milestones[index] if index < len(milestones) else _NO_MILESTONE
-        self._last_lr = list(state_dict.get("_last_lr", self._schedulers[index].get_last_lr()))
+        self._activate(phase_index(self.last_epoch, milestones))
+        self._last_lr = list(state_dict.get("_last_lr", self._active.get_last_lr()))

@@ -21,7 +21,7 @@ from PIL import Image
 from imgcls import data as D
 from imgcls.data import DataNotFoundError, DeviceLoader, load_dataset
 
-SHARED_JPG = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
+from tests.conftest import extract_cifar_subset
 
 
 # --------------------------------------------------------------------------------------
@@ -534,20 +534,7 @@ def test_loader_bad_arguments():
 
 @pytest.mark.slow
 def test_real_cifar10_jpeg_subset(tmp_path):
-    if not SHARED_JPG.is_file():
-        pytest.skip(f"{SHARED_JPG} is absent (a fresh clone has no ../shared); real-data test skipped")
-    per_split = {"train": 200, "test": 100}
-    counts: dict = {}
-    sub = tmp_path / "cifar10-sub"
-    with tarfile.open(SHARED_JPG, "r:gz") as tf:
-        for m in tf:
-            parts = Path(m.name).parts
-            if not m.isfile() or len(parts) != 3 or parts[0] not in per_split:
-                continue
-            key = parts[:2]
-            if counts.get(key, 0) < per_split[parts[0]]:
-                counts[key] = counts.get(key, 0) + 1
-                tf.extract(m, sub, filter="data")
+    sub = extract_cifar_subset(tmp_path / "cifar10-sub", {"train": 200, "test": 100})
     ds = load_dataset("image_folder", root=str(tmp_path), path=str(sub))
     assert ds.classes == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
                           "horse", "ship", "truck"]

@@ -1,0 +1,40 @@
+"""GPU tier: the same recipe on CUDA (bf16, channels_last, fused SGD) and exact stepping there.
+
+Skipped, with the reason printed, on a machine without CUDA (CI has none).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import run_train
+from tests.test_train import _run_until_sigterm, metrics
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine: GPU tier skipped"),
+]
+CUDA_SMOKE = ["experiment=smoke", "trainer.device=cuda", "trainer.epochs=4", "trainer.log_every=1"]
+
+
+def test_cuda_smoke_run(tmp_path):
+    run_train(*CUDA_SMOKE, f"hydra.run.dir={tmp_path}")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["device"] != "cpu" and results["final_test_acc"] > 0.3
+
+
+def test_cuda_sigterm_resume_same_lr_every_step_and_deterministic_weights(tmp_path):
+    common = [*CUDA_SMOKE, "trainer.deterministic=true"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_train(*common, f"hydra.run.dir={full}")
+    stopped = _run_until_sigterm(part, common, after_lines=11)
+    assert stopped.returncode == 143, stopped.stdout
+    run_train(*common, f"hydra.run.dir={part}")
+    lrs = lambda run: [(m["step"], m["lr"]) for m in metrics(run) if "lr" in m]  # noqa: E731
+    assert lrs(part) == lrs(full)
+    a = torch.load(full / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(part / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,450 @@
+"""Train an image classifier (CIFAR-10 by default) from the Hydra config in conf/.
+
+    python train.py                                   # ResNet-9 on CIFAR-10
+    python train.py experiment=smoke                  # seconds on a CPU, no data, no network
+    python train.py scheduler=warmup_exp trainer.epochs=30
+    python train.py -m scheduler=warmup_exp,warmup_cosine optimizer.lr=0.1,0.05
+    python train.py hydra.run.dir=outputs/run1        # run again to resume where it stopped
+
+The recipe reads top to bottom: config, seed, data, model, optimizer, scheduler, resume,
+loop, save. torch is imported inside main() so that --help and --cfg answer at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from imgcls.config import register_resolvers, validate_config
+
+register_resolvers()
+
+EXIT_SIGNAL = {"SIGTERM": 143, "SIGINT": 130}  # 128 + signal number, as a shell reports it
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    import torch
+
+    run_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
+    device = validate_config(cfg, run_dir)                   # 1. config (fails before any work)
+    seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, device)  # 2. seed
+    data = load_data(cfg, device)                            # 3. data (fills schedule.steps_per_epoch)
+    model = build_model(cfg, data.num_classes, device)       # 4. model
+    optimizer = build_optimizer(cfg, model, device)          # 5. optimizer
+    scheduler = build_scheduler(cfg, optimizer)              # 6. scheduler
+    write_config(cfg, run_dir)                               #    the resolved config, beside .hydra/
+    state = resume(cfg, run_dir, model, optimizer, scheduler)  # 7. resume
+    if state.epoch >= cfg.trainer.epochs:
+        print(f"run in {run_dir} already finished at step {state.step}: nothing to do")
+        return
+    stop = train(cfg, run_dir, data, model, optimizer, scheduler, state, device)  # 8. loop
+    if stop:
+        sys.exit(EXIT_SIGNAL[stop])
+    write_results(run_dir, state, device)                    # 9. save
+    torch.cuda.empty_cache() if device.type == "cuda" else None
+
+
+# --------------------------------------------------------------------------------------
+# 2. seed
+# --------------------------------------------------------------------------------------
+def seed_everything(seed: int, deterministic: bool, device) -> None:
+    import random
+
+    import torch
+
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic  # autotune conv kernels per shape
+        if deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.deterministic = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+# --------------------------------------------------------------------------------------
+# 3. data
+# --------------------------------------------------------------------------------------
+class Data:
+    """The train and test loaders on the training device, and what the schedule needs."""
+
+    def __init__(self, train, test, num_classes: int, steps_per_epoch: int, description: str):
+        self.train, self.test = train, test
+        self.num_classes, self.steps_per_epoch = num_classes, steps_per_epoch
+        self.description = description
+
+
+def load_data(cfg: DictConfig, device) -> Data:
+    import torch
+
+    from imgcls.data import DeviceLoader, describe, load_dataset
+
+    d, t = cfg.data, cfg.trainer
+    ds = load_dataset(
+        name=d.name,
+        root=d.root,
+        download=d.download,
+        path=d.path,
+        synthetic_size=tuple(d.get("synthetic_size", (512, 256))),
+        num_classes=d.num_classes or 10,
+        seed=t.seed,
+    )
+    if t.batch_size > len(ds.train_labels):
+        raise ValueError(
+            f"trainer.batch_size: {t.batch_size} is larger than the {len(ds.train_labels)} training "
+            f"images; use at most {len(ds.train_labels)}"
+        )
+    channels_last = device.type == "cuda"  # NHWC feeds the tensor cores without transposes
+    common = dict(device=device, mean=ds.mean, std=ds.std, channels_last=channels_last, dtype=torch.float32)
+    train = DeviceLoader(
+        ds.train_images, ds.train_labels, t.batch_size, train=True, seed=t.seed,
+        crop_padding=d.crop_padding, flip=d.flip, alternating_flip=d.alternating_flip, **common,
+    )
+    test = DeviceLoader(ds.test_images, ds.test_labels, t.eval_batch_size, train=False, drop_last=False, **common)
+    steps = min(len(train), t.limit_train_batches or len(train))
+    with open_dict(cfg):
+        cfg.schedule.steps_per_epoch = steps
+        if d.num_classes is None:
+            cfg.data.num_classes = len(ds.classes)
+    print(describe(ds), f"| {steps} steps per epoch on {device}", flush=True)
+    return Data(train, test, len(ds.classes), steps, describe(ds))
+
+
+# --------------------------------------------------------------------------------------
+# 4. model, 5. optimizer, 6. scheduler
+# --------------------------------------------------------------------------------------
+def build_model(cfg: DictConfig, num_classes: int, device):
+    import torch
+
+    model = hydra.utils.instantiate(cfg.model)(num_classes=num_classes).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def build_optimizer(cfg: DictConfig, model, device):
+    import inspect
+
+    factory = hydra.utils.instantiate(cfg.optimizer, _convert_="all")
+    extra = {}
+    if device.type == "cuda" and "fused" in inspect.signature(factory.func).parameters:
+        extra["fused"] = True  # one kernel for the whole update instead of one per tensor
+    return factory(model.parameters(), **extra)
+
+
+def build_scheduler(cfg: DictConfig, optimizer):
+    """The schedule tree of cfg.scheduler, built on the optimizer (the one place it gets it)."""
+    return hydra.utils.instantiate(cfg.scheduler, _convert_="all")(optimizer)
+
+
+def write_config(cfg: DictConfig, run_dir: Path) -> None:
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+# --------------------------------------------------------------------------------------
+# 7. resume
+# --------------------------------------------------------------------------------------
+class State:
+    """Counters that a checkpoint carries, besides the model, optimizer and scheduler."""
+
+    def __init__(self):
+        self.step = 0            # optimizer steps done
+        self.epoch = 0           # epoch in progress
+        self.batch = 0           # next batch of that epoch
+        self.finished = False
+        self.best_acc = None     # best test accuracy so far
+        self.last_eval = None    # {"test_loss", "test_acc"} of the latest evaluation
+        self.loss_sum = 0.0      # training loss summed since the last log line...
+        self.loss_count = 0      # ...over this many steps
+        self.train_seconds = 0.0
+        self.images = 0          # training images processed (for images per second)
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load(self, d: dict) -> None:
+        for k in vars(self):
+            if k in d:
+                setattr(self, k, d[k])
+
+
+def checkpoint_path(run_dir: Path) -> Path:
+    return run_dir / "checkpoints" / "last.pt"
+
+
+def resume(cfg: DictConfig, run_dir: Path, model, optimizer, scheduler) -> State:
+    from imgcls.checkpoint import find_resumable, load_checkpoint, set_rng_state
+
+    from imgcls.config import check_resume_config
+
+    state = State()
+    if cfg.resume == "never":
+        return state
+    if cfg.resume == "auto":
+        found = find_resumable(checkpoint_path(run_dir), cfg.trainer.keep_checkpoints)
+        if found is None:
+            return state
+        ckpt, path = found
+    else:
+        path = Path(cfg.resume).expanduser()
+        ckpt = load_checkpoint(path)
+    check_resume_config(ckpt, cfg, path)
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise ValueError(f"resume: checkpoint {path} does not fit this model/optimizer/scheduler: {e}") from e
+    set_rng_state(ckpt["rng"])
+    state.load(ckpt["state"])
+    trim_metrics(run_dir / "metrics.jsonl", state.step)
+    print(f"resumed from {path} at step {state.step} (epoch {state.epoch}, batch {state.batch})", flush=True)
+    return state
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop metrics lines written after the checkpoint (a run killed between checkpoints)."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln)["step"] <= step]
+    if len(kept) != len(lines):
+        path.write_text("".join(ln + "\n" for ln in kept))
+
+
+def save(cfg: DictConfig, run_dir: Path, model, optimizer, scheduler, state: State) -> None:
+    from imgcls.checkpoint import rng_state, save_checkpoint, unwrap_model
+
+    save_checkpoint(
+        {
+            "model": unwrap_model(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "state": state.to_dict(),
+            "rng": rng_state(),
+            "config": OmegaConf.to_container(cfg, resolve=True),
+            "config_unresolved": OmegaConf.to_container(cfg, resolve=False),
+        },
+        checkpoint_path(run_dir),
+        keep=cfg.trainer.keep_checkpoints,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# 8. loop
+# --------------------------------------------------------------------------------------
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary and exits."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        for name in EXIT_SIGNAL:
+            sig = getattr(signal, name)
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line; flushed per line so a kill loses nothing."""
+
+    def __init__(self, path: Path, progress: bool):
+        self.file = open(path, "a")
+        self.progress = progress
+
+    def write(self, record: dict, echo: bool) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if echo and not self.progress:
+            print(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()), flush=True)
+
+    def close(self):
+        self.file.close()
+
+
+def _fmt(v):
+    return f"{v:.4g}" if isinstance(v, float) else v
+
+
+def train(cfg, run_dir, data: Data, model, optimizer, scheduler, state: State, device) -> str | None:
+    """The loop. Returns the name of the signal that stopped it, or None when it finished."""
+    import torch
+
+    from sched import SequentialLR  # noqa: F401  (the scheduler may be any torch scheduler)
+
+    t = cfg.trainer
+    steps_per_epoch = data.steps_per_epoch
+    per_step = cfg.schedule.interval == "step"
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+    net = torch.compile(model) if t.compile else model
+    progress = _progress_enabled(t.progress)
+    log = MetricsLog(run_dir / "metrics.jsonl", progress)
+    bar = _bar(progress, total=t.epochs * steps_per_epoch, initial=state.step)
+    # Training loss accumulates on the device; it is read once per log line (one host sync).
+    loss_sum = torch.tensor(state.loss_sum, device=device, dtype=torch.float32)
+
+    def step_fn(x, y):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(net(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    with StopRequest() as stop:
+        try:
+            for epoch in range(state.epoch, t.epochs):
+                model.train()
+                state.epoch = epoch
+                t0 = time.perf_counter()
+                start = state.batch
+                for i, (x, y) in enumerate(data.train.epoch_batches(epoch, start), start=start):
+                    if i >= steps_per_epoch:
+                        break
+                    loss_sum += step_fn(x, y).float()
+                    state.loss_count += 1
+                    state.step += 1
+                    state.batch = i + 1
+                    state.images += len(y)
+                    if per_step:
+                        scheduler.step()
+                    if state.step % t.log_every == 0:
+                        state.loss_sum = 0.0
+                        record = {
+                            "step": state.step,
+                            "epoch": epoch + state.batch / steps_per_epoch,
+                            "lr": [float(lr) for lr in scheduler.get_last_lr()],
+                            "train_loss": loss_sum.item() / state.loss_count,  # the one sync
+                        }
+                        loss_sum.zero_()
+                        state.loss_count = 0
+                        log.write(record, echo=True)
+                        bar and bar.set_postfix(loss=f"{record['train_loss']:.3f}", lr=f"{record['lr'][0]:.3g}")
+                    bar and bar.update(1)
+                    if stop.signal:  # a step boundary: save and leave
+                        _sync(device)
+                        state.train_seconds += time.perf_counter() - t0
+                        state.loss_sum = loss_sum.item()
+                        save(cfg, run_dir, model, optimizer, scheduler, state)
+                        print(f"{stop.signal}: checkpoint saved at step {state.step}; exiting", flush=True)
+                        return stop.signal
+                _sync(device)
+                state.train_seconds += time.perf_counter() - t0
+                state.batch = 0
+                state.epoch = epoch + 1
+                last = epoch + 1 == t.epochs
+                if last or (epoch + 1) % t.eval_every == 0:
+                    state.last_eval = evaluate(net, data.test, t, device, bf16, loss_fn)
+                    acc = state.last_eval["test_acc"]
+                    state.best_acc = acc if state.best_acc is None else max(state.best_acc, acc)
+                    log.write({"step": state.step, "epoch": epoch + 1, **state.last_eval}, echo=True)
+                if not per_step:
+                    metric = state.last_eval["test_loss"] if state.last_eval else None
+                    scheduler.step(metric) if metric is not None and _takes_metrics(scheduler) else scheduler.step()
+                state.finished = last
+                if last or (epoch + 1) % t.checkpoint_every == 0 or stop.signal:
+                    state.loss_sum = loss_sum.item()
+                    save(cfg, run_dir, model, optimizer, scheduler, state)
+                if stop.signal:
+                    print(f"{stop.signal}: checkpoint saved at step {state.step}; exiting", flush=True)
+                    return stop.signal
+        finally:
+            log.close()
+            bar and bar.close()
+    return None
+
+
+def _takes_metrics(scheduler) -> bool:
+    from sched import needs_metrics
+
+    return needs_metrics(scheduler)
+
+
+def evaluate(net, loader, t, device, bf16: bool, loss_fn) -> dict:
+    """Test loss and accuracy (flip TTA if trainer.tta_flip), summed on the device, read once."""
+    import torch
+
+    net.eval()
+    loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    n = 0
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        for i, (x, y) in enumerate(loader.epoch_batches(0)):
+            if t.limit_eval_batches and i >= t.limit_eval_batches:
+                break
+            logits = net(x).float()
+            if t.tta_flip:
+                logits = (logits + net(x.flip(-1)).float()) / 2
+            loss += torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+            correct += (logits.argmax(1) == y).sum()
+            n += len(y)
+    return {"test_loss": loss.item() / n, "test_acc": correct.item() / n}
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _progress_enabled(setting) -> bool:
+    if setting == "auto":
+        return sys.stderr.isatty()
+    return bool(setting)
+
+
+def _bar(enabled: bool, total: int, initial: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------------------
+# 9. save
+# --------------------------------------------------------------------------------------
+def write_results(run_dir: Path, state: State, device) -> None:
+    import torch
+
+    results = {
+        "final_test_acc": state.last_eval["test_acc"] if state.last_eval else None,
+        "best_test_acc": state.best_acc,
+        "final_test_loss": state.last_eval["test_loss"] if state.last_eval else None,
+        "steps": state.step,
+        "train_seconds": round(state.train_seconds, 3),  # the training loop only, evaluation excluded
+        "images_per_second": round(state.images / state.train_seconds, 1) if state.train_seconds else None,
+        "wall_seconds": round(time.time() - _PROCESS_START, 3),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+    }
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    acc = results["final_test_acc"]
+    print(f"done: test accuracy {acc if acc is None else f'{acc:.4f}'}, results in {run_dir / 'results.json'}", flush=True)
+
+
+_PROCESS_START = time.time()
+
+if __name__ == "__main__":
+    main()
