@@ -13,6 +13,7 @@ loop, save. torch is imported inside main() so that --help and --cfg answer at o
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -27,13 +28,19 @@ from imgcls.config import register_resolvers, validate_config
 register_resolvers()
 
 EXIT_SIGNAL = {"SIGTERM": 143, "SIGINT": 130}  # 128 + signal number, as a shell reports it
+EXIT_BAD_INPUT = 2       # a config value, a data file or a checkpoint was refused at start-up
+EXIT_NONFINITE = 3       # the training loss became NaN or inf (the last good checkpoint is kept)
+EXIT_WRITE_FAULT = 4     # a checkpoint could not be written (the previous one is intact)
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    import torch
-
     run_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
+    with exit_cleanly():
+        recipe(cfg, run_dir)
+
+
+def recipe(cfg: DictConfig, run_dir: Path) -> None:
     device = validate_config(cfg, run_dir)                   # 1. config (fails before any work)
     seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, device)  # 2. seed
     data = load_data(cfg, device)                            # 3. data (fills schedule.steps_per_epoch)
@@ -49,7 +56,32 @@ def main(cfg: DictConfig) -> None:
     if stop:
         sys.exit(EXIT_SIGNAL[stop])
     write_results(run_dir, state, device)                    # 9. save
-    torch.cuda.empty_cache() if device.type == "cuda" else None
+
+
+class exit_cleanly:
+    """Known faults end the process with one line on stderr and a documented exit code
+    (HYDRA_FULL_ERROR=1 shows the traceback instead)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if kind is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            return False
+        from omegaconf.errors import OmegaConfBaseException
+
+        from imgcls.checkpoint import CheckpointError
+
+        if issubclass(kind, FloatingPointError):
+            code = EXIT_NONFINITE
+        elif issubclass(kind, (ValueError, FileNotFoundError, CheckpointError, OmegaConfBaseException)):
+            code = EXIT_BAD_INPUT
+        elif issubclass(kind, OSError):
+            code = EXIT_WRITE_FAULT
+        else:
+            return False
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(code)
 
 
 # --------------------------------------------------------------------------------------
@@ -126,7 +158,8 @@ def load_data(cfg: DictConfig, device) -> Data:
 def build_model(cfg: DictConfig, num_classes: int, device):
     import torch
 
-    model = hydra.utils.instantiate(cfg.model)(num_classes=num_classes).to(device)
+    with config_errors("model"):
+        model = hydra.utils.instantiate(cfg.model)(num_classes=num_classes).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -135,16 +168,38 @@ def build_model(cfg: DictConfig, num_classes: int, device):
 def build_optimizer(cfg: DictConfig, model, device):
     import inspect
 
-    factory = hydra.utils.instantiate(cfg.optimizer, _convert_="all")
-    extra = {}
-    if device.type == "cuda" and "fused" in inspect.signature(factory.func).parameters:
-        extra["fused"] = True  # one kernel for the whole update instead of one per tensor
-    return factory(model.parameters(), **extra)
+    with config_errors("optimizer"):
+        factory = hydra.utils.instantiate(cfg.optimizer, _convert_="all")
+        extra = {}
+        if device.type == "cuda" and "fused" in inspect.signature(factory.func).parameters:
+            extra["fused"] = True  # one kernel for the whole update instead of one per tensor
+        return factory(model.parameters(), **extra)
 
 
 def build_scheduler(cfg: DictConfig, optimizer):
     """The schedule tree of cfg.scheduler, built on the optimizer (the one place it gets it)."""
-    return hydra.utils.instantiate(cfg.scheduler, _convert_="all")(optimizer)
+    with config_errors("scheduler"):
+        return hydra.utils.instantiate(cfg.scheduler, _convert_="all")(optimizer)
+
+
+class config_errors:
+    """Re-raise a constructor's ValueError/TypeError as a ValueError that names the group."""
+
+    def __init__(self, group: str):
+        self.group = group
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if kind is not None and issubclass(kind, (ValueError, TypeError)):
+            cause = exc.__cause__ or exc  # Hydra wraps constructor errors in InstantiationException
+            raise ValueError(f"{self.group}: {cause}") from exc
+        from hydra.errors import InstantiationException
+
+        if kind is not None and issubclass(kind, InstantiationException):
+            raise ValueError(f"{self.group}: {exc.__cause__ or exc}") from exc
+        return False
 
 
 def write_config(cfg: DictConfig, run_dir: Path) -> None:
@@ -168,6 +223,7 @@ class State:
         self.loss_count = 0      # ...over this many steps
         self.train_seconds = 0.0
         self.images = 0          # training images processed (for images per second)
+        self.skipped_steps = 0   # steps whose loss was NaN/inf, dropped (trainer.skip_nonfinite)
 
     def to_dict(self) -> dict:
         return dict(vars(self))
@@ -306,10 +362,25 @@ def train(cfg, run_dir, data: Data, model, optimizer, scheduler, state: State, d
     def step_fn(x, y):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = loss_fn(net(x), y)
+        if t.skip_nonfinite and not torch.isfinite(loss):  # a host sync per step: opt-in only
+            state.skipped_steps += 1
+            return torch.zeros((), device=device)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
+
+    def read_loss_sum() -> float:
+        """The host sync: read the accumulated loss; a NaN/inf anywhere in it stops the run."""
+        value = loss_sum.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"training loss is {value} between steps {state.step - state.loss_count} and "
+                f"{state.step} (epoch {state.epoch}): stopped without saving; the last good checkpoint (if any) "
+                f"{checkpoint_path(run_dir)} is intact. Lower optimizer.lr, or set "
+                f"trainer.skip_nonfinite=true to skip such steps"
+            )
+        return value
 
     with StopRequest() as stop:
         try:
@@ -334,7 +405,7 @@ def train(cfg, run_dir, data: Data, model, optimizer, scheduler, state: State, d
                             "step": state.step,
                             "epoch": epoch + state.batch / steps_per_epoch,
                             "lr": [float(lr) for lr in scheduler.get_last_lr()],
-                            "train_loss": loss_sum.item() / state.loss_count,  # the one sync
+                            "train_loss": read_loss_sum() / state.loss_count,  # the one sync
                         }
                         loss_sum.zero_()
                         state.loss_count = 0
@@ -344,7 +415,7 @@ def train(cfg, run_dir, data: Data, model, optimizer, scheduler, state: State, d
                     if stop.signal:  # a step boundary: save and leave
                         _sync(device)
                         state.train_seconds += time.perf_counter() - t0
-                        state.loss_sum = loss_sum.item()
+                        state.loss_sum = read_loss_sum()
                         save(cfg, run_dir, model, optimizer, scheduler, state)
                         print(f"{stop.signal}: checkpoint saved at step {state.step}; exiting", flush=True)
                         return stop.signal
@@ -363,7 +434,7 @@ def train(cfg, run_dir, data: Data, model, optimizer, scheduler, state: State, d
                     scheduler.step(metric) if metric is not None and _takes_metrics(scheduler) else scheduler.step()
                 state.finished = last
                 if last or (epoch + 1) % t.checkpoint_every == 0 or stop.signal:
-                    state.loss_sum = loss_sum.item()
+                    state.loss_sum = read_loss_sum()
                     save(cfg, run_dir, model, optimizer, scheduler, state)
                 if stop.signal:
                     print(f"{stop.signal}: checkpoint saved at step {state.step}; exiting", flush=True)
@@ -433,6 +504,7 @@ def write_results(run_dir: Path, state: State, device) -> None:
         "best_test_acc": state.best_acc,
         "final_test_loss": state.last_eval["test_loss"] if state.last_eval else None,
         "steps": state.step,
+        "skipped_steps": state.skipped_steps,
         "train_seconds": round(state.train_seconds, 3),  # the training loop only, evaluation excluded
         "images_per_second": round(state.images / state.train_seconds, 1) if state.train_seconds else None,
         "wall_seconds": round(time.time() - _PROCESS_START, 3),

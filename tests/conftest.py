@@ -20,7 +20,8 @@ def train_cmd(*overrides: str) -> list[str]:
 
 def run_train(*overrides: str, check: bool = True, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
     """Run train.py to completion; on failure show its output."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env["PYTHONUNBUFFERED"] = "1"
     proc = subprocess.run(train_cmd(*overrides), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py {' '.join(overrides)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
