@@ -33,7 +33,7 @@ EXIT_NONFINITE = 3       # the training loss became NaN or inf (the last good ch
 EXIT_WRITE_FAULT = 4     # a checkpoint could not be written (the previous one is intact)
 
 
-@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+@hydra.main(config_path=str(Path(__file__).resolve().parent / "conf"), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
     with exit_cleanly():
