@@ -81,6 +81,11 @@ class exit_cleanly:
         else:
             return False
         print(f"error: {exc}", file=sys.stderr, flush=True)
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            return False  # Hydra marks this job failed and runs the next one
         sys.exit(code)
 
 
