@@ -34,13 +34,14 @@ EXIT_WRITE_FAULT = 4     # a checkpoint could not be written (the previous one i
 
 
 @hydra.main(config_path=str(Path(__file__).resolve().parent / "conf"), config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
+    """Returns the best test accuracy: the objective of hparams_search sweeps."""
     run_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
     with exit_cleanly():
-        recipe(cfg, run_dir)
+        return recipe(cfg, run_dir)
 
 
-def recipe(cfg: DictConfig, run_dir: Path) -> None:
+def recipe(cfg: DictConfig, run_dir: Path) -> float | None:
     device = validate_config(cfg, run_dir)                   # 1. config (fails before any work)
     seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, device)  # 2. seed
     data = load_data(cfg, device)                            # 3. data (fills schedule.steps_per_epoch)
@@ -51,11 +52,12 @@ def recipe(cfg: DictConfig, run_dir: Path) -> None:
     state = resume(cfg, run_dir, model, optimizer, scheduler)  # 7. resume
     if state.epoch >= cfg.trainer.epochs:
         print(f"run in {run_dir} already finished at step {state.step}: nothing to do")
-        return
+        return state.best_acc
     stop = train(cfg, run_dir, data, model, optimizer, scheduler, state, device)  # 8. loop
     if stop:
         sys.exit(EXIT_SIGNAL[stop])
     write_results(run_dir, state, device)                    # 9. save
+    return state.best_acc
 
 
 class exit_cleanly:
@@ -326,20 +328,34 @@ class StopRequest:
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per line; flushed per line so a kill loses nothing."""
+    """metrics.jsonl: one JSON object per line, flushed per line so a kill loses nothing;
+    the optional logger of cfg.logger gets the same records (and ``extra`` ones)."""
 
-    def __init__(self, path: Path, progress: bool):
+    def __init__(self, path: Path, progress: bool, logger=None):
         self.file = open(path, "a")
         self.progress = progress
+        self.logger = logger
 
-    def write(self, record: dict, echo: bool) -> None:
+    def write(self, record: dict, echo: bool, **extra) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        if self.logger is not None:
+            self.logger.log({**record, **extra})
         if echo and not self.progress:
             print(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()), flush=True)
 
     def close(self):
         self.file.close()
+        if self.logger is not None:
+            self.logger.close()
+
+
+def build_logger(cfg: DictConfig, run_dir: Path, optimizer):
+    """The logger of cfg.logger (None for logger=none); imported only when chosen."""
+    if cfg.logger.get("_target_") is None:
+        return None
+    with config_errors("logger"):
+        return hydra.utils.instantiate(cfg.logger)(run_dir=run_dir, num_groups=len(optimizer.param_groups))
 
 
 def _fmt(v):
@@ -359,7 +375,8 @@ def train(cfg, run_dir, data: Data, model, optimizer, scheduler, state: State, d
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
     net = torch.compile(model) if t.compile else model
     progress = _progress_enabled(t.progress)
-    log = MetricsLog(run_dir / "metrics.jsonl", progress)
+    log = MetricsLog(run_dir / "metrics.jsonl", progress, build_logger(cfg, run_dir, optimizer))
+    interval_start = (time.perf_counter(), state.images)  # for images/s per log interval
     bar = _bar(progress, total=t.epochs * steps_per_epoch, initial=state.step)
     # Training loss accumulates on the device; it is read once per log line (one host sync).
     loss_sum = torch.tensor(state.loss_sum, device=device, dtype=torch.float32)
@@ -414,7 +431,10 @@ def train(cfg, run_dir, data: Data, model, optimizer, scheduler, state: State, d
                         }
                         loss_sum.zero_()
                         state.loss_count = 0
-                        log.write(record, echo=True)
+                        now = time.perf_counter()
+                        speed = (state.images - interval_start[1]) / max(now - interval_start[0], 1e-9)
+                        interval_start = (now, state.images)
+                        log.write(record, echo=True, images_per_second=speed)
                         bar and bar.set_postfix(loss=f"{record['train_loss']:.3f}", lr=f"{record['lr'][0]:.3g}")
                     bar and bar.update(1)
                     if stop.signal:  # a step boundary: save and leave

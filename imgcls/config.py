@@ -133,7 +133,24 @@ def validate_config(cfg: DictConfig, run_dir):
     want = cfg.trainer.device
     if want == "cuda" and not torch.cuda.is_available():
         raise ValueError("trainer.device: 'cuda' but no CUDA device is available; use trainer.device=cpu or auto")
-    return torch.device("cuda" if want == "auto" and torch.cuda.is_available() else "cpu" if want == "auto" else want)
+    if want == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", _job_gpu())
+
+
+def _job_gpu() -> int:
+    """The GPU of this job: in a multirun on a machine with several GPUs, job N takes GPU
+    N mod count (parallel joblib jobs then use one GPU each); otherwise the current one."""
+    import torch
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    count = torch.cuda.device_count()
+    if count > 1 and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        index = int(HydraConfig.get().job.num) % count
+        torch.cuda.set_device(index)
+        return index
+    return torch.cuda.current_device()
 
 
 def _check_writable(run_dir) -> None:

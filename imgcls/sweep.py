@@ -23,6 +23,8 @@ COLUMNS = ("job", "overrides", "status", "final_test_acc", "best_test_acc", "tra
 
 class SweepSummary(Callback):
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        if str(config.hydra.mode) != "RunMode.MULTIRUN":
+            return  # a single run has results.json; the table is for sweeps
         run_dir = Path(config.hydra.runtime.output_dir)
         failed = job_return.status.name == "FAILED"
         status = {

@@ -57,6 +57,12 @@ def test_option_composes_validates_and_instantiates(group, option, tmp_path):
     assert isinstance(bound, functools.partial)
     scheduler = bound()  # builds the whole tree
     assert isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler)
+    if cfg.logger.get("_target_") is not None:
+        if "tensorboard" in cfg.logger._target_.lower():
+            pytest.importorskip("tensorboard", reason="tensorboard is not installed")
+        logger = instantiate(cfg.logger)(run_dir=tmp_path, num_groups=len(optimizer.param_groups))
+        logger.log({"step": 1, "epoch": 0.1, "lr": scheduler.get_last_lr(), "train_loss": 1.0})
+        logger.close()
 
 
 @pytest.mark.parametrize("option", [o for g, o in OPTIONS if g == "scheduler"])
