@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: help install train test test-fast bench clean
+.PHONY: help install train test test-fast bench preview schedules clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -30,8 +30,15 @@ test: $(STAMP)  ## run the test suite (slow tests included; GPU tests say why th
 test-fast: $(STAMP)  ## the test suite without the slow tier
 	$(PY) -m pytest -m "not slow" $(ARGS)
 
-bench: $(STAMP)  ## benchmarks: SequentialLR step cost against torch's
+bench: $(STAMP)  ## benchmarks: SequentialLR step cost against torch's; training/eval throughput and where the time goes
 	$(PY) tests/bench_sched.py
+	$(PY) tests/bench_train.py
+
+preview: $(STAMP)  ## the lr per step of a config, as a table and schedule.png (make preview ARGS='scheduler=warmup_cosine trainer.epochs=30')
+	$(PY) -m imgcls.preview $(ARGS)
+
+schedules: $(STAMP)  ## redraw docs/schedules/<option>.png for every conf/scheduler option (16 epochs, CIFAR-10)
+	for f in conf/scheduler/*.yaml; do o=$$(basename $$f .yaml); $(PY) -m imgcls.preview scheduler=$$o trainer.epochs=16 --out docs/schedules/$$o.png || exit 1; done
 
 clean:  ## remove the environment, caches and run outputs (not the data cache)
 	rm -rf $(VENV) .pytest_cache .hypothesis outputs multirun *.egg-info

@@ -23,6 +23,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from imgcls import distributed
 from imgcls.config import register_resolvers, validate_config
 
 register_resolvers()
@@ -43,21 +44,34 @@ def main(cfg: DictConfig) -> float | None:
 
 def recipe(cfg: DictConfig, run_dir: Path) -> float | None:
     device = validate_config(cfg, run_dir)                   # 1. config (fails before any work)
+    dist, device, run_dir = join_ranks(device, run_dir)      #    torchrun: one process per device
     seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, device)  # 2. seed
-    data = load_data(cfg, device)                            # 3. data (fills schedule.steps_per_epoch)
+    data = load_data(cfg, device, dist)                      # 3. data (fills schedule.steps_per_epoch)
     model = build_model(cfg, data.num_classes, device)       # 4. model
     optimizer = build_optimizer(cfg, model, device)          # 5. optimizer
     scheduler = build_scheduler(cfg, optimizer)              # 6. scheduler
-    write_config(cfg, run_dir)                               #    the resolved config, beside .hydra/
-    state = resume(cfg, run_dir, model, optimizer, scheduler)  # 7. resume
+    write_config(cfg, run_dir, dist)                         #    the resolved config, beside .hydra/
+    state = resume(cfg, run_dir, model, optimizer, scheduler, dist)  # 7. resume
     if state.epoch >= cfg.trainer.epochs:
         print(f"run in {run_dir} already finished at step {state.step}: nothing to do")
         return state.best_acc
-    stop = train(cfg, run_dir, data, model, optimizer, scheduler, state, device)  # 8. loop
+    stop = train(cfg, run_dir, data, model, optimizer, scheduler, state, device, dist)  # 8. loop
     if stop:
         sys.exit(EXIT_SIGNAL[stop])
-    write_results(run_dir, state, device)                    # 9. save
+    write_results(run_dir, state, device, dist)              # 9. save
+    distributed.shutdown(dist)
     return state.best_acc
+
+
+def join_ranks(device, run_dir: Path):
+    """Under torchrun: join the process group, take this rank's device, and use rank 0's run
+    directory (each rank's Hydra may have stamped a different time into its own)."""
+    import torch
+
+    dist = distributed.init(use_cuda=device.type == "cuda")
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    return dist, device, Path(distributed.broadcast(str(run_dir), dist))
 
 
 class exit_cleanly:
@@ -123,7 +137,7 @@ class Data:
         self.description = description
 
 
-def load_data(cfg: DictConfig, device) -> Data:
+def load_data(cfg: DictConfig, device, dist) -> Data:
     import torch
 
     from imgcls.data import DeviceLoader, describe, load_dataset
@@ -143,10 +157,13 @@ def load_data(cfg: DictConfig, device) -> Data:
             f"trainer.batch_size: {t.batch_size} is larger than the {len(ds.train_labels)} training "
             f"images; use at most {len(ds.train_labels)}"
         )
+    if t.batch_size % dist.world:
+        raise ValueError(f"trainer.batch_size: {t.batch_size} is not divisible by the {dist.world} ranks")
     channels_last = device.type == "cuda"  # NHWC feeds the tensor cores without transposes
     common = dict(device=device, mean=ds.mean, std=ds.std, channels_last=channels_last, dtype=torch.float32)
-    train = DeviceLoader(
-        ds.train_images, ds.train_labels, t.batch_size, train=True, seed=t.seed,
+    train_images, train_labels = distributed.shard(ds.train_images, ds.train_labels, dist)
+    train = DeviceLoader(  # trainer.batch_size is the global batch: each rank takes 1/N of it
+        train_images, train_labels, t.batch_size // dist.world, train=True, seed=t.seed,
         crop_padding=d.crop_padding, flip=d.flip, alternating_flip=d.alternating_flip, **common,
     )
     test = DeviceLoader(ds.test_images, ds.test_labels, t.eval_batch_size, train=False, drop_last=False, **common)
@@ -155,7 +172,9 @@ def load_data(cfg: DictConfig, device) -> Data:
         cfg.schedule.steps_per_epoch = steps
         if d.num_classes is None:
             cfg.data.num_classes = len(ds.classes)
-    print(describe(ds), f"| {steps} steps per epoch on {device}", flush=True)
+    if dist.is_main:
+        ranks = f" x {dist.world} ranks" if dist.enabled else ""
+        print(describe(ds), f"| {steps} steps per epoch on {device}{ranks}", flush=True)
     return Data(train, test, len(ds.classes), steps, describe(ds))
 
 
@@ -209,8 +228,9 @@ class config_errors:
         return False
 
 
-def write_config(cfg: DictConfig, run_dir: Path) -> None:
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+def write_config(cfg: DictConfig, run_dir: Path, dist) -> None:
+    if dist.is_main:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
 
 # --------------------------------------------------------------------------------------
@@ -245,7 +265,7 @@ def checkpoint_path(run_dir: Path) -> Path:
     return run_dir / "checkpoints" / "last.pt"
 
 
-def resume(cfg: DictConfig, run_dir: Path, model, optimizer, scheduler) -> State:
+def resume(cfg: DictConfig, run_dir: Path, model, optimizer, scheduler, dist) -> State:
     from imgcls.checkpoint import find_resumable, load_checkpoint, set_rng_state
 
     from imgcls.config import check_resume_config
@@ -270,7 +290,8 @@ def resume(cfg: DictConfig, run_dir: Path, model, optimizer, scheduler) -> State
         raise ValueError(f"resume: checkpoint {path} does not fit this model/optimizer/scheduler: {e}") from e
     set_rng_state(ckpt["rng"])
     state.load(ckpt["state"])
-    trim_metrics(run_dir / "metrics.jsonl", state.step)
+    if dist.is_main:
+        trim_metrics(run_dir / "metrics.jsonl", state.step)
     print(f"resumed from {path} at step {state.step} (epoch {state.epoch}, batch {state.batch})", flush=True)
     return state
 
@@ -285,9 +306,13 @@ def trim_metrics(path: Path, step: int) -> None:
         path.write_text("".join(ln + "\n" for ln in kept))
 
 
-def save(cfg: DictConfig, run_dir: Path, model, optimizer, scheduler, state: State) -> None:
+def save(cfg: DictConfig, run_dir: Path, model, optimizer, scheduler, state: State, dist) -> None:
+    """Rank 0 writes (every rank holds the same weights); the others wait for it."""
     from imgcls.checkpoint import rng_state, save_checkpoint, unwrap_model
 
+    if not dist.is_main:
+        distributed.barrier(dist)
+        return
     save_checkpoint(
         {
             "model": unwrap_model(model).state_dict(),
@@ -301,6 +326,7 @@ def save(cfg: DictConfig, run_dir: Path, model, optimizer, scheduler, state: Sta
         checkpoint_path(run_dir),
         keep=cfg.trainer.keep_checkpoints,
     )
+    distributed.barrier(dist)
 
 
 # --------------------------------------------------------------------------------------
@@ -331,12 +357,14 @@ class MetricsLog:
     """metrics.jsonl: one JSON object per line, flushed per line so a kill loses nothing;
     the optional logger of cfg.logger gets the same records (and ``extra`` ones)."""
 
-    def __init__(self, path: Path, progress: bool, logger=None):
-        self.file = open(path, "a")
+    def __init__(self, path: Path | None, progress: bool, logger=None):
+        self.file = open(path, "a") if path is not None else None  # None: a rank other than 0
         self.progress = progress
         self.logger = logger
 
     def write(self, record: dict, echo: bool, **extra) -> None:
+        if self.file is None:
+            return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.logger is not None:
@@ -345,7 +373,8 @@ class MetricsLog:
             print(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()), flush=True)
 
     def close(self):
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.logger is not None:
             self.logger.close()
 
@@ -362,7 +391,7 @@ def _fmt(v):
     return f"{v:.4g}" if isinstance(v, float) else v
 
 
-def train(cfg, run_dir, data: Data, model, optimizer, scheduler, state: State, device) -> str | None:
+def train(cfg, run_dir, data: Data, model, optimizer, scheduler, state: State, device, dist) -> str | None:
     """The loop. Returns the name of the signal that stopped it, or None when it finished."""
     import torch
 
@@ -373,9 +402,15 @@ def train(cfg, run_dir, data: Data, model, optimizer, scheduler, state: State, d
     per_step = cfg.schedule.interval == "step"
     bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
-    net = torch.compile(model) if t.compile else model
-    progress = _progress_enabled(t.progress)
-    log = MetricsLog(run_dir / "metrics.jsonl", progress, build_logger(cfg, run_dir, optimizer))
+    net = model
+    if dist.enabled:  # gradients averaged over ranks during backward
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    net = torch.compile(net) if t.compile else net
+    progress = _progress_enabled(t.progress) and dist.is_main
+    log = (MetricsLog(run_dir / "metrics.jsonl", progress, build_logger(cfg, run_dir, optimizer))
+           if dist.is_main else MetricsLog(None, progress))
     interval_start = (time.perf_counter(), state.images)  # for images/s per log interval
     bar = _bar(progress, total=t.epochs * steps_per_epoch, initial=state.step)
     # Training loss accumulates on the device; it is read once per log line (one host sync).
@@ -394,7 +429,7 @@ def train(cfg, run_dir, data: Data, model, optimizer, scheduler, state: State, d
 
     def read_loss_sum() -> float:
         """The host sync: read the accumulated loss; a NaN/inf anywhere in it stops the run."""
-        value = loss_sum.item()
+        value = distributed.mean_over_ranks(loss_sum, dist).item()
         if not math.isfinite(value):
             raise FloatingPointError(
                 f"training loss is {value} between steps {state.step - state.loss_count} and "
@@ -437,11 +472,12 @@ def train(cfg, run_dir, data: Data, model, optimizer, scheduler, state: State, d
                         log.write(record, echo=True, images_per_second=speed)
                         bar and bar.set_postfix(loss=f"{record['train_loss']:.3f}", lr=f"{record['lr'][0]:.3g}")
                     bar and bar.update(1)
-                    if stop.signal:  # a step boundary: save and leave
+                    if distributed.any_rank(stop.signal is not None, dist, device):  # a step boundary
+                        stop.signal = stop.signal or "SIGTERM"  # another rank was signalled
                         _sync(device)
                         state.train_seconds += time.perf_counter() - t0
                         state.loss_sum = read_loss_sum()
-                        save(cfg, run_dir, model, optimizer, scheduler, state)
+                        save(cfg, run_dir, model, optimizer, scheduler, state, dist)
                         print(f"{stop.signal}: checkpoint saved at step {state.step}; exiting", flush=True)
                         return stop.signal
                 _sync(device)
@@ -450,7 +486,11 @@ def train(cfg, run_dir, data: Data, model, optimizer, scheduler, state: State, d
                 state.epoch = epoch + 1
                 last = epoch + 1 == t.epochs
                 if last or (epoch + 1) % t.eval_every == 0:
-                    state.last_eval = evaluate(net, data.test, t, device, bf16, loss_fn)
+                    # under torchrun rank 0 evaluates the model without its DDP wrapper (a DDP
+                    # forward on one rank alone would wait for the others); every rank gets the numbers
+                    eval_net = model if dist.enabled else net
+                    result = evaluate(eval_net, data.test, t, device, bf16, loss_fn) if dist.is_main else None
+                    state.last_eval = distributed.broadcast(result, dist)
                     acc = state.last_eval["test_acc"]
                     state.best_acc = acc if state.best_acc is None else max(state.best_acc, acc)
                     log.write({"step": state.step, "epoch": epoch + 1, **state.last_eval}, echo=True)
@@ -458,9 +498,11 @@ def train(cfg, run_dir, data: Data, model, optimizer, scheduler, state: State, d
                     metric = state.last_eval["test_loss"] if state.last_eval else None
                     scheduler.step(metric) if metric is not None and _takes_metrics(scheduler) else scheduler.step()
                 state.finished = last
+                if distributed.any_rank(stop.signal is not None, dist, device):
+                    stop.signal = stop.signal or "SIGTERM"  # another rank was signalled
                 if last or (epoch + 1) % t.checkpoint_every == 0 or stop.signal:
                     state.loss_sum = read_loss_sum()
-                    save(cfg, run_dir, model, optimizer, scheduler, state)
+                    save(cfg, run_dir, model, optimizer, scheduler, state, dist)
                 if stop.signal:
                     print(f"{stop.signal}: checkpoint saved at step {state.step}; exiting", flush=True)
                     return stop.signal
@@ -521,9 +563,11 @@ def _bar(enabled: bool, total: int, initial: int):
 # --------------------------------------------------------------------------------------
 # 9. save
 # --------------------------------------------------------------------------------------
-def write_results(run_dir: Path, state: State, device) -> None:
+def write_results(run_dir: Path, state: State, device, dist) -> None:
     import torch
 
+    if not dist.is_main:
+        return
     results = {
         "final_test_acc": state.last_eval["test_acc"] if state.last_eval else None,
         "best_test_acc": state.best_acc,

@@ -59,7 +59,7 @@ def test_hydra_target_from_elsewhere(tmp_path):
 def test_torchrun_worker(tmp_path):
     script = tmp_path / "job.py"
     script.write_text(PRINT + "\n")
-    out = _py(["-m", "torch.distributed.run", "--nproc_per_node=1", "--master_port=0", str(script)], tmp_path)
+    out = _py(["-m", "torch.distributed.run", "--nproc_per_node=1", "--standalone", str(script)], tmp_path)
     assert OURS in out
 
 

@@ -1,0 +1,100 @@
+"""Data parallel through torchrun: `torchrun --nproc_per_node=N train.py ...`.
+
+torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; with WORLD_SIZE > 1 train.py joins a process
+group (NCCL on CUDA, gloo on the CPU), wraps the model in DistributedDataParallel, keeps 1/N
+of the training set on each rank's device, and lets only rank 0 write logs, results and
+checkpoints. Without torchrun everything here is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init(use_cuda: bool) -> Dist:
+    """Join the process group torchrun describes in the environment (if any)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch
+    import torch.distributed as td
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not td.is_initialized():
+        td.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return Dist(rank=td.get_rank(), world=td.get_world_size(), local_rank=local_rank)
+
+
+def broadcast(obj, dist: Dist):
+    """Rank 0's ``obj`` on every rank (a small picklable value: a path, a metrics dict)."""
+    if not dist.enabled:
+        return obj
+    import torch.distributed as td
+
+    box = [obj]
+    td.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def any_rank(flag: bool, dist: Dist, device) -> bool:
+    """True on every rank if ``flag`` is true on any (a signal seen by one rank stops all)."""
+    if not dist.enabled:
+        return flag
+    import torch
+    import torch.distributed as td
+
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    td.all_reduce(t, op=td.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def mean_over_ranks(value, dist: Dist):
+    """The mean of a tensor over ranks (in place on a copy); the value itself when alone."""
+    if not dist.enabled:
+        return value
+    import torch.distributed as td
+
+    value = value.clone()
+    td.all_reduce(value)
+    return value / dist.world
+
+
+def barrier(dist: Dist) -> None:
+    if dist.enabled:
+        import torch.distributed as td
+
+        td.barrier()
+
+
+def shutdown(dist: Dist) -> None:
+    if dist.enabled:
+        import torch.distributed as td
+
+        if td.is_initialized():
+            td.destroy_process_group()
+
+
+def shard(images, labels, dist: Dist):
+    """Rank r keeps images r, r+N, r+2N, ... (the same count on every rank)."""
+    if not dist.enabled:
+        return images, labels
+    per_rank = len(labels) // dist.world
+    return images[dist.rank :: dist.world][:per_rank], labels[dist.rank :: dist.world][:per_rank]
