@@ -24,7 +24,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from imgcls import distributed
-from imgcls.config import register_resolvers, validate_config
+from imgcls.config import config_errors, register_resolvers, validate_config
 
 register_resolvers()
 
@@ -206,26 +206,6 @@ def build_scheduler(cfg: DictConfig, optimizer):
     """The schedule tree of cfg.scheduler, built on the optimizer (the one place it gets it)."""
     with config_errors("scheduler"):
         return hydra.utils.instantiate(cfg.scheduler, _convert_="all")(optimizer)
-
-
-class config_errors:
-    """Re-raise a constructor's ValueError/TypeError as a ValueError that names the group."""
-
-    def __init__(self, group: str):
-        self.group = group
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, tb):
-        if kind is not None and issubclass(kind, (ValueError, TypeError)):
-            cause = exc.__cause__ or exc  # Hydra wraps constructor errors in InstantiationException
-            raise ValueError(f"{self.group}: {cause}") from exc
-        from hydra.errors import InstantiationException
-
-        if kind is not None and issubclass(kind, InstantiationException):
-            raise ValueError(f"{self.group}: {exc.__cause__ or exc}") from exc
-        return False
 
 
 def write_config(cfg: DictConfig, run_dir: Path, dist) -> None:

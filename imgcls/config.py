@@ -166,6 +166,26 @@ def _check_writable(run_dir) -> None:
         raise ValueError(f"hydra.run.dir: cannot write checkpoints into {ckpt_dir}: {e.strerror or e}") from e
 
 
+class config_errors:
+    """Re-raise a constructor's error as a ValueError that names the config group:
+    ``with config_errors("optimizer"): ...`` turns torch's "Invalid momentum value: -1" into
+    "optimizer: Invalid momentum value: -1" (Hydra wraps it in InstantiationException)."""
+
+    def __init__(self, group: str):
+        self.group = group
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        from hydra.errors import InstantiationException
+
+        if kind is not None and issubclass(kind, (ValueError, TypeError, InstantiationException)):
+            cause = exc.__cause__ or exc
+            raise ValueError(f"{self.group}: {cause}") from exc
+        return False
+
+
 # --------------------------------------------------------------------------------------
 # Resume: which config changes a checkpoint tolerates.
 # --------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from imgcls.config import register_resolvers
+from imgcls.config import config_errors, register_resolvers
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000}  # official training-set sizes
@@ -230,9 +230,9 @@ def simulate(cfg: DictConfig) -> tuple[list[list[float]], object, int | None]:
 
     from sched import needs_metrics
 
-    with _config_errors("optimizer"):
+    with config_errors("optimizer"):
         optimizer = _instantiate(cfg.optimizer)([torch.nn.Parameter(torch.zeros(1))])
-    with _config_errors("scheduler"):
+    with config_errors("scheduler"):
         scheduler = _instantiate(cfg.scheduler)(optimizer)
     epochs, spe = cfg.trainer.epochs, cfg.schedule.steps_per_epoch
     per_step = cfg.schedule.interval == "step"
@@ -243,7 +243,7 @@ def simulate(cfg: DictConfig) -> tuple[list[list[float]], object, int | None]:
         return [float(g["lr"]) for g in optimizer.param_groups]
 
     lrs = []
-    with _config_errors("scheduler"):
+    with config_errors("scheduler"):
         for epoch in range(epochs):
             for _ in range(spe):
                 lrs.append(current())  # the lr this optimizer step uses
@@ -263,26 +263,6 @@ def _instantiate(node):
     import hydra.utils
 
     return hydra.utils.instantiate(node, _convert_="all")
-
-
-class _config_errors:
-    """As train.py's: a constructor's ValueError/TypeError, re-raised naming the group."""
-
-    def __init__(self, group: str):
-        self.group = group
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, tb):
-        from hydra.errors import InstantiationException
-
-        if kind is not None and issubclass(kind, (ValueError, TypeError, InstantiationException)):
-            if isinstance(exc, PreviewError):
-                return False
-            cause = exc.__cause__ or exc  # Hydra wraps constructor errors in InstantiationException
-            raise PreviewError(f"{self.group}: {_one_line(cause)}") from exc
-        return False
 
 
 def phase_starts(scheduler, offset: int = 0, end: float = float("inf"), depth: int = 0) -> list[tuple[int, int]]:
