@@ -90,10 +90,10 @@ class exit_cleanly:
 
         if issubclass(kind, FloatingPointError):
             code = EXIT_NONFINITE
+        elif issubclass(kind, CheckpointWriteError):
+            code = EXIT_WRITE_FAULT
         elif issubclass(kind, (ValueError, FileNotFoundError, CheckpointError, OmegaConfBaseException)):
             code = EXIT_BAD_INPUT
-        elif issubclass(kind, OSError):
-            code = EXIT_WRITE_FAULT
         else:
             return False
         print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -251,13 +251,17 @@ def resume(cfg: DictConfig, run_dir: Path, model, optimizer, scheduler, dist) ->
     from imgcls.config import check_resume_config
 
     state = State()
+    metrics = run_dir / "metrics.jsonl"
     if cfg.resume == "never":
+        fresh_start(metrics, dist)
         return state
     if cfg.resume == "auto":
         found = find_resumable(checkpoint_path(run_dir), cfg.trainer.keep_checkpoints)
         if found is None:
+            fresh_start(metrics, dist)
             return state
         ckpt, path = found
+        set_aside_unreadable(checkpoint_path(run_dir), path, dist)
     else:
         path = Path(cfg.resume).expanduser()
         ckpt = load_checkpoint(path)
@@ -276,6 +280,20 @@ def resume(cfg: DictConfig, run_dir: Path, model, optimizer, scheduler, dist) ->
     return state
 
 
+def fresh_start(metrics: Path, dist) -> None:
+    """Starting from step 0: drop what a run killed before its first checkpoint logged."""
+    if dist.is_main:
+        trim_metrics(metrics, 0)
+
+
+def set_aside_unreadable(last: Path, resumed_from: Path, dist) -> None:
+    """Resumed from a backup because last.pt is unreadable: rename it to last.pt.unreadable so
+    that the next save does not rotate it over the good backup it resumed from."""
+    if dist.is_main and resumed_from != last and last.exists():
+        os.replace(last, last.with_name(last.name + ".unreadable"))
+        print(f"resume: {last} was unreadable; kept as {last.name}.unreadable", flush=True)
+
+
 def trim_metrics(path: Path, step: int) -> None:
     """Drop metrics lines written after the checkpoint (a run killed between checkpoints)."""
     if not path.exists():
@@ -288,11 +306,23 @@ def trim_metrics(path: Path, step: int) -> None:
 
 def save(cfg: DictConfig, run_dir: Path, model, optimizer, scheduler, state: State, dist) -> None:
     """Rank 0 writes (every rank holds the same weights); the others wait for it."""
-    from imgcls.checkpoint import rng_state, save_checkpoint, unwrap_model
-
     if not dist.is_main:
         distributed.barrier(dist)
         return
+    try:
+        _save(cfg, run_dir, model, optimizer, scheduler, state)
+    except OSError as e:
+        raise CheckpointWriteError(str(e)) from e
+    distributed.barrier(dist)
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, read-only...); the previous one is intact."""
+
+
+def _save(cfg: DictConfig, run_dir: Path, model, optimizer, scheduler, state: State) -> None:
+    from imgcls.checkpoint import rng_state, save_checkpoint, unwrap_model
+
     save_checkpoint(
         {
             "model": unwrap_model(model).state_dict(),
@@ -306,7 +336,6 @@ def save(cfg: DictConfig, run_dir: Path, model, optimizer, scheduler, state: Sta
         checkpoint_path(run_dir),
         keep=cfg.trainer.keep_checkpoints,
     )
-    distributed.barrier(dist)
 
 
 # --------------------------------------------------------------------------------------

@@ -126,6 +126,10 @@ def save_checkpoint(state: dict, path: str | Path, keep: int = 1) -> Path:
     except OSError as e:
         raise OSError(e.errno, f"cannot create checkpoint directory {path.parent} for {path}: {e}") from e
 
+    # A process killed mid-save (SIGKILL, power loss) leaves its temp file: the only writer of
+    # this path is us, so any left over is stale.
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     tmp_paths: list[Path] = []
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -189,7 +189,7 @@ class config_errors:
 # --------------------------------------------------------------------------------------
 # Resume: which config changes a checkpoint tolerates.
 # --------------------------------------------------------------------------------------
-STRUCTURAL = ("model", "optimizer", "scheduler", "schedule.interval", "data.name", "data.path", "data.num_classes")
+STRUCTURAL = ("model", "optimizer", "scheduler", "schedule.interval", "data")
 SAFE_DATA_KEYS = ("data.root", "data.download")
 
 
