@@ -7,7 +7,7 @@
     python train.py hydra.run.dir=outputs/run1        # run again to resume where it stopped
 
 The recipe reads top to bottom: config, seed, data, model, optimizer, scheduler, resume,
-loop, save. torch is imported inside main() so that --help and --cfg answer at once.
+loop, save. torch is imported inside the recipe's functions, so --help and --cfg answer at once.
 """
 
 from __future__ import annotations
@@ -404,11 +404,12 @@ def train(cfg, run_dir, data: Data, model, optimizer, scheduler, state: State, d
     """The loop. Returns the name of the signal that stopped it, or None when it finished."""
     import torch
 
-    from sched import SequentialLR  # noqa: F401  (the scheduler may be any torch scheduler)
+    from sched import needs_metrics
 
     t = cfg.trainer
     steps_per_epoch = data.steps_per_epoch
     per_step = cfg.schedule.interval == "step"
+    wants_metric = needs_metrics(scheduler)  # a ReduceLROnPlateau phase gets the test loss
     bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
     net = model
@@ -505,7 +506,7 @@ def train(cfg, run_dir, data: Data, model, optimizer, scheduler, state: State, d
                     log.write({"step": state.step, "epoch": epoch + 1, **state.last_eval}, echo=True)
                 if not per_step:
                     metric = state.last_eval["test_loss"] if state.last_eval else None
-                    scheduler.step(metric) if metric is not None and _takes_metrics(scheduler) else scheduler.step()
+                    scheduler.step(metric) if metric is not None and wants_metric else scheduler.step()
                 state.finished = last
                 if distributed.any_rank(stop.signal is not None, dist, device):
                     stop.signal = stop.signal or "SIGTERM"  # another rank was signalled
@@ -519,12 +520,6 @@ def train(cfg, run_dir, data: Data, model, optimizer, scheduler, state: State, d
             log.close()
             bar and bar.close()
     return None
-
-
-def _takes_metrics(scheduler) -> bool:
-    from sched import needs_metrics
-
-    return needs_metrics(scheduler)
 
 
 def evaluate(net, loader, t, device, bf16: bool, loss_fn) -> dict:
