@@ -427,15 +427,11 @@ def train(cfg, run_dir, data: Data, model, optimizer, scheduler, state: State, d
     loss_sum = torch.tensor(state.loss_sum, device=device, dtype=torch.float32)
 
     def step_fn(x, y):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = loss_fn(net(x), y)
-        if t.skip_nonfinite and not torch.isfinite(loss):  # a host sync per step: opt-in only
+        loss = train_step(net, optimizer, loss_fn, x, y, bf16, t.skip_nonfinite)
+        if loss is None:
             state.skipped_steps += 1
             return torch.zeros((), device=device)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return loss
 
     def read_loss_sum() -> float:
         """The host sync: read the accumulated loss; a NaN/inf anywhere in it stops the run."""
@@ -520,6 +516,22 @@ def train(cfg, run_dir, data: Data, model, optimizer, scheduler, state: State, d
             log.close()
             bar and bar.close()
     return None
+
+
+def train_step(net, optimizer, loss_fn, x, y, bf16: bool, skip_nonfinite: bool = False):
+    """One optimizer step on batch (x, y); the detached loss, or None if it was NaN/inf and
+    skip_nonfinite is set (that check is a host sync per step, hence opt-in).
+    Also what `make bench` times (tests/bench_train.py)."""
+    import torch
+
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss = loss_fn(net(x), y)
+    if skip_nonfinite and not torch.isfinite(loss):
+        return None
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
 
 
 def evaluate(net, loader, t, device, bf16: bool, loss_fn) -> dict:

@@ -271,6 +271,7 @@ def bench_model(name: str, s: dict, device: torch.device, train_loader, test_loa
                 compose_overrides: list[str], matmul_tflops: float) -> dict:
     from omegaconf import open_dict
 
+    import train as recipe  # train.py: the step and the evaluation it times are the real ones
     from imgcls.checkpoint import save_checkpoint, unwrap_model
 
     overrides = [*compose_overrides, f"model={name}"] + ([f"model.width={s['width']}"] if name == "resnet9" else [])
@@ -288,13 +289,8 @@ def bench_model(name: str, s: dict, device: torch.device, train_loader, test_loa
           f"parameters, {fwd_flops / 1e9:.3f} GFLOP forward per image; {describe_recipe(optimizer, scheduler)}",
           flush=True)
 
-    def step_fn(x, y):  # train.py's step_fn (trainer.skip_nonfinite=false, the default)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = loss_fn(net(x), y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+    def step_fn(x, y):  # the step train.py runs (trainer.skip_nonfinite=false, the default)
+        return recipe.train_step(net, optimizer, loss_fn, x, y, bf16)
 
     def train_steps(n: int):  # train.py's loop body, without its bookkeeping on the host
         nonlocal loss_sum
@@ -350,18 +346,8 @@ def bench_model(name: str, s: dict, device: torch.device, train_loader, test_loa
         raise FloatingPointError(f"{name}: the training loss became {loss_sum.item()} during the benchmark")
 
     # 3. evaluation: one untimed pass (autotune / recompile for eval), then timed passes
-    def evaluate():  # train.evaluate (tta_flip=false, limit_eval_batches=null, the defaults)
-        net.eval()
-        total = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        n = 0
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            for x, y in test_loader.epoch_batches(0):
-                logits = net(x).float()
-                total += torch.nn.functional.cross_entropy(logits, y, reduction="sum")
-                correct += (logits.argmax(1) == y).sum()
-                n += len(y)
-        return {"test_loss": total.item() / n, "test_acc": correct.item() / n}
+    def evaluate():  # train.py's evaluation, with the config's trainer settings
+        return recipe.evaluate(net, test_loader, cfg.trainer, device, bf16, loss_fn)
 
     sync(device)
     t0 = time.perf_counter()
