@@ -1,26 +1,11 @@
-"""Learning-rate schedules for PyTorch: an exact, composable :class:`SequentialLR`.
+"""``sched``: the template's name for :mod:`seqlr` (the same objects), kept for checkouts.
 
-A library: it imports torch and nothing else outside the standard library (no Hydra).
-This package shadows the standard library's ``sched`` module inside this project; nothing
-the project imports uses that one (``tests/test_import_sched.py`` checks it).
+Inside a checkout this package shadows the standard library's ``sched`` module (``make
+install`` puts the project root first on every interpreter's path; nothing the project
+imports uses the standard library's one: ``tests/test_import_sched.py`` checks it). An
+installed copy (``pip install .``) sits behind the standard library's ``sched``: import
+``seqlr`` there. Hydra configs of this template name ``sched.SequentialLR``.
 """
 
-from sched.sequential import (
-    SequentialLR,
-    local_step,
-    needs_metrics,
-    phase_index,
-    phase_start,
-    restart,
-    validate_milestones,
-)
-
-__all__ = [
-    "SequentialLR",
-    "local_step",
-    "needs_metrics",
-    "phase_index",
-    "phase_start",
-    "restart",
-    "validate_milestones",
-]
+from seqlr import *  # noqa: F401,F403  (the public API, re-exported)
+from seqlr import __all__  # noqa: F401

@@ -6,14 +6,19 @@ learning rates wherever torch is right) that also
 
 * takes children as scheduler objects *or* as callables ``optimizer -> scheduler``
   (``functools.partial``, Hydra ``_partial_: true`` configs, lambdas), nested to any depth;
-* restarts every phase from the base learning rates at its milestone, so chainable children
+* restarts every phase at its milestone from the base learning rates (or, per phase, from the
+  learning rates it is handed: ``SWALR`` by default), so chainable children
   (``MultiplicativeLR``) and composite children (``SequentialLR``, ``ChainedScheduler``) work
   in any position;
 * gives the param-group keys a phase's constructor writes (``OneCycleLR``'s ``initial_lr``,
   ``max_lr``, ``min_lr``; ``CyclicLR``'s momentum bounds) to that phase alone;
 * forwards ``step(metrics)`` to a ``ReduceLROnPlateau`` phase;
 * resumes at step ``N`` when built with ``last_epoch=N`` (torch issue 162591);
-* validates its milestones and keeps a ``state_dict`` that ``torch.load(weights_only=True)`` reads.
+* validates its milestones (any sequence of integers: lists, tuples, ranges, numpy arrays,
+  1-D integer tensors) and keeps a ``state_dict`` that ``torch.load(weights_only=True)`` reads;
+* refuses ``step(epoch)`` (torch's class is a TypeError there too) unless a phase takes metrics;
+* sets tensor learning rates without a host sync (no ``.item()``), so ``torch.compile`` of a
+  step that calls ``scheduler.step()`` breaks the graph no more often than torch's class.
 
 The schedule arithmetic (which phase is active, its local step) is in pure functions of the
 step at the top of this module; the class only keeps the children in step with them.
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 import numbers
+import operator
 import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -30,8 +36,15 @@ from typing import Any
 
 import torch
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import ChainedScheduler, LRScheduler, ReduceLROnPlateau
+from torch.optim.lr_scheduler import (
+    ChainedScheduler,
+    CyclicLR,
+    LRScheduler,
+    OneCycleLR,
+    ReduceLROnPlateau,
+)
 from torch.optim.lr_scheduler import SequentialLR as TorchSequentialLR
+from torch.optim.swa_utils import SWALR
 
 __all__ = [
     "SequentialLR",
@@ -40,6 +53,10 @@ __all__ = [
     "local_step",
     "validate_milestones",
     "needs_metrics",
+    "START_FROM",
+    "validate_start_from",
+    "default_start_from",
+    "restart",
 ]
 
 _NO_MILESTONE = sys.maxsize  # the last phase never ends (an int: int/int compares are fastest)
@@ -49,6 +66,12 @@ _COMMON_STATE_KEYS = frozenset({"last_epoch", "base_lrs", "verbose"})
 # The warning torch's LRScheduler.step emits when it runs before any optimizer.step(); it
 # is expected (and meaningless) while we replay steps to resume at ``last_epoch=N``.
 _REPLAY_WARNING = r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`"
+# Where a phase's learning rates start at its milestone (the ``start_from`` argument):
+# "base": the base learning rates (closed-form schedules, MultiplicativeLR: today's rule);
+# "previous": the learning rates the param groups hold when the phase takes over, i.e. those
+# of the step before its milestone (SWALR, and any schedule written relative to the lr it
+# inherits). A phase starting at step 0 is handed the base learning rates.
+START_FROM = ("base", "previous")
 
 
 # --------------------------------------------------------------------------------------
@@ -79,14 +102,39 @@ def local_step(step: int, milestones: Sequence[int]) -> int:
     return step - phase_start(phase_index(step, milestones), milestones)
 
 
+def _milestone_int(m: Any, i: int) -> int:
+    """``m`` as a Python int if it is an integer (numpy integers and 0-d integer tensors too)."""
+    bad = isinstance(m, bool) or type(m).__name__ == "bool_"  # numpy's bool is no int either
+    if isinstance(m, torch.Tensor):
+        bad = bad or m.dim() != 0 or m.dtype == torch.bool or m.is_floating_point() or m.is_complex()
+    if not bad:
+        try:
+            return operator.index(m)
+        except TypeError:
+            pass
+    raise ValueError(f"milestones[{i}] must be an int (bool refused), got {type(m).__name__} {m!r}")
+
+
 def validate_milestones(milestones: Any, num_phases: int) -> list[int]:
     """Return ``milestones`` as a list of Python ints, or raise ``ValueError`` naming the bad one.
 
-    Accepted: a sequence (list, tuple, OmegaConf ``ListConfig``...) of exactly
-    ``num_phases - 1`` integers (``bool`` refused), each ``>= 0``, in non-decreasing order.
-    Equal milestones are allowed: the phases between them have length zero and never run.
+    Accepted: any sequence of exactly ``num_phases - 1`` integers, as torch accepts them: a list,
+    tuple, ``range``, OmegaConf ``ListConfig``, 1-D numpy array or 1-D integer tensor (numpy
+    integer scalars and 0-d integer tensors as entries). Each must be ``>= 0`` and the sequence
+    non-decreasing. Refused: floats, bools, strings. Equal milestones are allowed: the phases
+    between them have length zero and never run.
+
+    >>> import numpy as np
+    >>> validate_milestones(np.cumsum([3, 5])[:-1], 2), validate_milestones(torch.tensor([2, 4]), 3)
+    ([3], [2, 4])
     """
-    if isinstance(milestones, (str, bytes)) or not isinstance(milestones, Sequence):
+    is_array = hasattr(milestones, "ndim") and hasattr(milestones, "dtype")  # numpy array, tensor
+    if is_array and milestones.ndim != 1:
+        raise ValueError(
+            f"milestones must be a 1-D sequence of ints, got a {milestones.ndim}-D "
+            f"{type(milestones).__name__} {milestones!r}"
+        )
+    if not is_array and (isinstance(milestones, (str, bytes)) or not isinstance(milestones, Sequence)):
         raise ValueError(
             f"milestones must be a list of ints, got {type(milestones).__name__} {milestones!r}"
         )
@@ -97,11 +145,7 @@ def validate_milestones(milestones: Any, num_phases: int) -> list[int]:
         )
     out: list[int] = []
     for i, m in enumerate(milestones):
-        if isinstance(m, bool) or not isinstance(m, numbers.Integral):
-            raise ValueError(
-                f"milestones[{i}] must be an int (bool refused), got {type(m).__name__} {m!r}"
-            )
-        m = int(m)
+        m = _milestone_int(m, i)
         if m < 0:
             raise ValueError(f"milestones[{i}] must be >= 0, got {m}")
         if out and m < out[-1]:
@@ -111,6 +155,38 @@ def validate_milestones(milestones: Any, num_phases: int) -> list[int]:
             )
         out.append(m)
     return out
+
+
+def validate_start_from(start_from: Any, n: int) -> list[str | None]:
+    """Return ``start_from`` as a list of ``n`` entries, or raise ``ValueError`` naming the bad one.
+
+    ``start_from`` is ``None`` (every phase takes its class's default) or one entry per phase:
+    ``"base"``, ``"previous"`` or ``None`` (the default of the phase's class: ``"previous"`` for
+    ``SWALR``, which anneals from the lr it takes over, ``"base"`` for every other class).
+    """
+    if start_from is None:
+        start_from = [None] * n
+    if isinstance(start_from, (str, bytes)) or not isinstance(start_from, Sequence):
+        raise ValueError(
+            f"start_from must be a list with one entry per scheduler ({', '.join(START_FROM)} or "
+            f"None), got {type(start_from).__name__} {start_from!r}"
+        )
+    if len(start_from) != n:
+        raise ValueError(
+            f"start_from must have one entry per scheduler: got {len(start_from)} entries "
+            f"{list(start_from)!r} for {n} schedulers"
+        )
+    for i, mode in enumerate(start_from):
+        if mode is not None and mode not in START_FROM:
+            raise ValueError(
+                f"start_from[{i}] must be one of {', '.join(map(repr, START_FROM))} or None, got {mode!r}"
+            )
+    return [None if mode is None else str(mode) for mode in start_from]
+
+
+def default_start_from(scheduler: Any) -> str:
+    """Where a phase starts when ``start_from`` does not say: SWALR continues, the rest restart."""
+    return "previous" if isinstance(scheduler, SWALR) else "base"
 
 
 def needs_metrics(scheduler: Any) -> bool:
@@ -129,10 +205,11 @@ def _copy(value: Any) -> Any:
 
 def _set(group: dict, key: str, value: Any) -> None:
     """``group[key] = value`` that keeps a tensor entry the same tensor (fused/capturable
-    optimizers hold on to it), as torch's schedulers do."""
+    optimizers hold on to it), as torch's schedulers do. ``fill_`` takes a 0-d tensor as it
+    is: no ``.item()``, hence no host sync and no graph break under ``torch.compile``."""
     current = group.get(key)
     if isinstance(current, torch.Tensor):
-        current.fill_(value.item() if isinstance(value, torch.Tensor) else value)
+        current.fill_(value)
     else:
         group[key] = _copy(value)
 
@@ -167,21 +244,42 @@ def _current_lrs(optimizer: Optimizer) -> list:
     return [_copy(g["lr"]) for g in optimizer.param_groups]
 
 
-def restart(scheduler: Any) -> None:
-    """Put ``scheduler`` in the state its constructor leaves it in (local step 0), reading
-    the learning rates the param groups hold now, as its constructor would."""
-    if isinstance(scheduler, SequentialLR):
-        scheduler._restart()
-    elif isinstance(scheduler, ChainedScheduler):
+def _rebase(scheduler: Any, lrs: list) -> None:
+    """Give ``scheduler`` (and the leaves inside a composite) ``lrs`` as base learning rates,
+    as its constructor would have taken them from param groups whose ``lr`` was ``lrs``.
+    CyclicLR and OneCycleLR take their range from their own arguments: left alone."""
+    if isinstance(scheduler, (ChainedScheduler, TorchSequentialLR)):
         for child in scheduler._schedulers:
-            restart(child)
+            _rebase(child, lrs)
+    elif isinstance(scheduler, LRScheduler) and not isinstance(
+        scheduler, (SequentialLR, CyclicLR, OneCycleLR, ReduceLROnPlateau)
+    ):
+        scheduler.base_lrs = [_copy(lr) for lr in lrs]
+
+
+def restart(scheduler: Any, start_lrs: list | None = None) -> None:
+    """Put ``scheduler`` in the state its constructor leaves it in (local step 0), as if built
+    on param groups whose learning rates are ``start_lrs`` (default: those they hold now)."""
+    if start_lrs is None:
+        start_lrs = _current_lrs(scheduler.optimizer)
+    for group, lr in zip(scheduler.optimizer.param_groups, start_lrs):
+        _set(group, "lr", lr)
+    _rebase(scheduler, start_lrs)
+    _initial_state(scheduler, start_lrs)
+
+
+def _initial_state(scheduler: Any, start_lrs: list) -> None:
+    """The constructor's last act, on the learning rates the param groups hold now."""
+    if isinstance(scheduler, SequentialLR):
+        scheduler._restart(start_lrs)
+    elif isinstance(scheduler, ChainedScheduler):
+        for child in scheduler._schedulers:  # each child acts on the lr the one before left
+            _initial_state(child, start_lrs)
         scheduler._last_lr = _current_lrs(scheduler.optimizer)
     elif isinstance(scheduler, TorchSequentialLR):
-        # torch's constructor, without its defects: reset to initial_lr, start phase 0.
-        for group in scheduler.optimizer.param_groups:
-            _set(group, "lr", group["initial_lr"])
+        # torch's constructor, without its defects: start phase 0 from the start lrs.
         first = scheduler._schedulers[phase_index(0, scheduler._milestones)]
-        restart(first)
+        _initial_state(first, start_lrs)
         scheduler.last_epoch = 0
         scheduler._last_lr = first.get_last_lr()
     elif isinstance(scheduler, ReduceLROnPlateau):
@@ -229,8 +327,17 @@ class SequentialLR(LRScheduler):
     milestones :math:`\le t`), and every param group's learning rate is the one that phase
     :math:`k` would produce at its local step :math:`t - m(k)` had it been built alone on the
     optimizer at its milestone, on the param groups as they were when this SequentialLR was
-    built (learning rates at their base values, ``initial_lr`` where present). Nothing a
-    phase did carries into the next one.
+    built, with their learning rates set to the phase's *start learning rates* :math:`S_k`:
+
+    * ``start_from[k] == "base"``: :math:`S_k` = the base learning rates (``initial_lr`` where
+      present, else ``lr``, when this SequentialLR was built). Nothing a phase did carries into
+      the next one. The default for every class but ``SWALR``.
+    * ``start_from[k] == "previous"``: :math:`S_k` = the learning rates of step :math:`m(k) - 1`,
+      the ones the phase is handed (the base learning rates when :math:`m(k) = 0`). The default
+      for ``SWALR``, which anneals from the lr it takes over to ``swa_lr``: the SWA recipe.
+
+    A nested SequentialLR's own base learning rates are its :math:`S_k`. ``CyclicLR`` and
+    ``OneCycleLR`` take their range from their own arguments whatever :math:`S_k` is.
 
     Equal milestones are allowed: the phases between them have length zero and never run
     (``milestones=[0, 0, 1]`` starts in phase 2 and moves to phase 3 at step 1).
@@ -242,11 +349,37 @@ class SequentialLR(LRScheduler):
             ``_partial_: true`` node, a lambda). Composites (this class, torch's
             ``SequentialLR`` and ``ChainedScheduler``) may stand anywhere. A
             ``ReduceLROnPlateau`` phase takes ``step(metrics)``.
-        milestones: ``len(schedulers) - 1`` non-decreasing ints ``>= 0``: the global steps at
+        milestones: ``len(schedulers) - 1`` non-decreasing ints ``>= 0`` (any sequence of
+            integers: list, tuple, range, numpy array, 1-D integer tensor): the global steps at
             which phases 1, 2, ... start.
+        start_from: one entry per phase, ``"base"``, ``"previous"`` or ``None`` (its class's
+            default), or ``None`` for all defaults: where the phase's learning rates start (see
+            the definition).
         last_epoch: ``-1`` to start at step 0; ``N >= 0`` to resume at step ``N``: the
             learning rates are then those of step ``N`` of a run that never stopped (phases
             are replayed; a ``ReduceLROnPlateau`` phase is replayed without its metrics).
+
+    SWA (cosine over 4 steps, then SWALR from where the cosine left off, torch's values)::
+
+        >>> from torch.optim.lr_scheduler import CosineAnnealingLR
+        >>> from torch.optim.swa_utils import SWALR
+        >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        >>> sched = SequentialLR(opt, [CosineAnnealingLR(opt, T_max=4),
+        ...                            SWALR(opt, swa_lr=0.01, anneal_epochs=3, anneal_strategy="linear")],
+        ...                      milestones=[4])
+        >>> lrs = []
+        >>> for step in range(9):
+        ...     lrs.append(round(sched.get_last_lr()[0], 5))
+        ...     opt.step()
+        ...     sched.step()
+        >>> lrs  # start_from=["base", "base"] would restart SWALR at 0.1: 0.1, 0.07, 0.04, 0.01
+        [0.1, 0.08536, 0.05, 0.01464, 0.01464, 0.0131, 0.01155, 0.01, 0.01]
+
+    ======  =======  =======  =====  =======  =======  =======  =======  =====
+    step    0        1        2      3        4        5        6        7
+    phase   cosine   cosine   cos.   cosine   SWALR    SWALR    SWALR    SWALR
+    lr      0.1      0.08536  0.05   0.01464  0.01464  0.0131   0.01155  0.01
+    ======  =======  =======  =====  =======  =======  =======  =======  =====
 
     Callable children are built in order, each on param groups put back to what they held
     when this constructor was called; param-group keys a phase's constructor writes
@@ -299,6 +432,8 @@ class SequentialLR(LRScheduler):
         schedulers: Sequence[Any],
         milestones: Sequence[int],
         last_epoch: int = -1,
+        *,
+        start_from: Sequence[str | None] | None = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -307,6 +442,7 @@ class SequentialLR(LRScheduler):
         if len(schedulers) == 0:
             raise ValueError("schedulers must hold at least one scheduler, got an empty list")
         self._milestones = validate_milestones(milestones, len(schedulers))
+        start_from = validate_start_from(start_from, len(schedulers))
         if isinstance(last_epoch, bool) or not isinstance(last_epoch, numbers.Integral) or last_epoch < -1:
             raise ValueError(f"last_epoch must be an int >= -1, got {last_epoch!r}")
         for i, s in enumerate(schedulers):
@@ -330,16 +466,18 @@ class SequentialLR(LRScheduler):
         for group in pristine:
             group.setdefault("initial_lr", _copy(group["lr"]))
         self._group_defaults = pristine
-        self._base_lrs = [g["initial_lr"] for g in pristine]
+        self.base_lrs = [g["initial_lr"] for g in pristine]  # S_k of "base" phases
+        self._start_from = [m or default_start_from(c) for m, c in zip(start_from, self._schedulers)]
         _restore_groups(optimizer, pristine)
         self._phase_key_names = sorted({k for keys in self._phase_keys for g in keys for k in g})
         # Per phase: 1 for ReduceLROnPlateau (step takes metrics), 2 for a SequentialLR of
-        # ours (passes metrics on), 0 for the rest (step takes nothing).
+        # ours holding one (passes metrics on), 0 for the rest (step takes nothing).
         self._kinds = [
-            1 if isinstance(s, ReduceLROnPlateau) else 2 if isinstance(s, SequentialLR) else 0
+            1 if isinstance(s, ReduceLROnPlateau) else 2 if isinstance(s, SequentialLR) and needs_metrics(s) else 0
             for s in self._schedulers
         ]
-        self._restart()
+        self._takes_metrics = any(self._kinds)
+        self._restart(self.base_lrs)
         if last_epoch > 0:
             self._replay(last_epoch)
 
@@ -378,7 +516,11 @@ class SequentialLR(LRScheduler):
 
     # -- the phase machinery ------------------------------------------------------------
     def _start_phase(self, index: int) -> None:
-        """Phase ``index`` starts: its param-group keys, the base lrs, its local step 0."""
+        """Phase ``index`` starts: its param-group keys, its start lrs, its local step 0."""
+        if self._start_from[index] == "base" or self.last_epoch == 0:
+            start_lrs = self.base_lrs
+        else:  # the lrs of the step before the milestone, which the groups still hold
+            start_lrs = _current_lrs(self.optimizer)
         if self._phase_key_names:
             for group, keys, defaults in zip(
                 self.optimizer.param_groups, self._phase_keys[index], self._group_defaults
@@ -390,9 +532,7 @@ class SequentialLR(LRScheduler):
                         _set(group, k, defaults[k])
                     else:
                         group.pop(k, None)
-        for group, lr in zip(self.optimizer.param_groups, self._base_lrs):
-            _set(group, "lr", lr)
-        restart(self._schedulers[index])
+        restart(self._schedulers[index], start_lrs)
         self._activate(index)
         self._last_lr = self._active.get_last_lr()
 
@@ -405,8 +545,11 @@ class SequentialLR(LRScheduler):
             self._milestones[index] if index < len(self._milestones) else _NO_MILESTONE
         )
 
-    def _restart(self) -> None:
-        """Back to global step 0 (also what a parent composite calls at our milestone)."""
+    def _restart(self, base_lrs: list | None = None) -> None:
+        """Back to global step 0 (also what a parent composite calls at our milestone, with
+        the start lrs it gives this phase: our base lrs from then on)."""
+        if base_lrs is not None:
+            self.base_lrs = [_copy(lr) for lr in base_lrs]
         self.last_epoch = 0
         self._start_phase(phase_index(0, self._milestones))
 
@@ -424,8 +567,15 @@ class SequentialLR(LRScheduler):
         SequentialLRs) and is ignored by other phases, so a loop may pass it every step.
         While a ``ReduceLROnPlateau`` phase is active, ``step()`` without it raises
         ``ValueError`` and changes nothing. At a milestone the new phase starts (its
-        local step 0) and ``metrics`` is not used.
+        local step 0) and ``metrics`` is not used. Where no phase is a ``ReduceLROnPlateau``,
+        ``step(x)`` raises ``TypeError``: torch's SequentialLR has no epoch argument either.
         """
+        if metrics is not None and not self._takes_metrics:
+            raise TypeError(
+                f"SequentialLR.step() got {metrics!r}: the epoch argument is not supported (as in "
+                f"torch's SequentialLR), and metrics are only for ReduceLROnPlateau phases, of "
+                f"which this schedule has none; call step()"
+            )
         step = self.last_epoch + 1
         if step >= self._next_milestone:
             self.last_epoch = step
@@ -452,13 +602,13 @@ class SequentialLR(LRScheduler):
 
     # -- torch's LRScheduler protocol, for when a torch composite holds us as a child ----
     def _initial_step(self) -> None:
-        self._restart()
+        self._restart(self.base_lrs)
 
     def _update_lr(self, epoch: int | None = None) -> None:
         if epoch is None:
             self.step()
         else:
-            self._restart()
+            self._restart(self.base_lrs)
             self._replay(int(epoch))
 
     # -- the public API -----------------------------------------------------------------
@@ -488,14 +638,16 @@ class SequentialLR(LRScheduler):
             scheds.last_epoch -= 1
 
     def state_dict(self) -> dict[str, Any]:
-        """``{'_milestones', 'last_epoch', '_last_lr', '_schedulers'}``: torch's layout, with
-        plain Python containers only (an OmegaConf ListConfig becomes a list), so
-        ``torch.load(weights_only=True)`` reads it and torch's SequentialLR loads it."""
+        """``{'_milestones', 'last_epoch', '_last_lr', '_schedulers', 'base_lrs'}``: torch's
+        layout plus the ``base_lrs`` every LRScheduler keeps (a nested phase's base is the lr
+        it was handed), with plain Python containers only (an OmegaConf ListConfig becomes a
+        list), so ``torch.load(weights_only=True)`` reads it and torch's SequentialLR loads it."""
         return {
             "_milestones": list(self._milestones),
             "last_epoch": self.last_epoch,
             "_last_lr": _plain(list(self._last_lr)),
             "_schedulers": [_plain(s.state_dict()) for s in self._schedulers],
+            "base_lrs": _plain([_copy(lr) for lr in self.base_lrs]),
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -532,6 +684,8 @@ class SequentialLR(LRScheduler):
         for child, state in zip(self._schedulers, saved):
             child.load_state_dict(state)
         self._milestones = milestones
+        if "base_lrs" in state_dict:  # absent from torch's state and from older ones of ours
+            self.base_lrs = [_copy(lr) for lr in state_dict["base_lrs"]]
         self.last_epoch = int(state_dict["last_epoch"])
         self._activate(phase_index(self.last_epoch, milestones))
         self._last_lr = list(state_dict.get("_last_lr", self._active.get_last_lr()))
