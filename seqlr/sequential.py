@@ -27,10 +27,12 @@ step at the top of this module; the class only keeps the children in step with t
 from __future__ import annotations
 
 import bisect
+import importlib.util
 import numbers
 import operator
 import sys
 import warnings
+from pathlib import Path
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -58,6 +60,54 @@ __all__ = [
     "default_start_from",
     "restart",
 ]
+
+
+_THIS_FILE = Path(__file__).resolve().as_posix()
+
+
+def _force_skip(trace_rules: Any) -> None:
+    skip = getattr(trace_rules, "FORCE_SKIP_FILES", None)  # private: absent -> change nothing
+    if isinstance(skip, set):
+        skip.add(_THIS_FILE)
+
+
+class _WhenDynamoLoads:
+    """A meta-path finder that calls ``_force_skip`` the moment ``torch._dynamo.trace_rules``
+    is imported (importing it here would add ~2.5 s to every start: most runs never compile)."""
+
+    name = "torch._dynamo.trace_rules"
+
+    @classmethod
+    def find_spec(cls, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != cls.name:
+            return None
+        sys.meta_path.remove(cls)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            exec_module = spec.loader.exec_module
+
+            def exec_and_skip(module: Any) -> None:
+                exec_module(module)
+                _force_skip(module)
+
+            spec.loader.exec_module = exec_and_skip
+        return spec
+
+
+def _run_eagerly_under_compile() -> None:
+    """Have torch.compile treat this file as torch treats its own lr_scheduler.py (which
+    dynamo force-skips): the scheduler's bookkeeping (Python ints, param-group dicts, child
+    schedulers) runs eagerly instead of being traced, so ``@torch.compile def step():
+    opt.step(); sched.step()`` breaks the graph and recompiles exactly as often as with
+    torch's SequentialLR (tests/test_sequential.py counts both)."""
+    loaded = sys.modules.get(_WhenDynamoLoads.name)
+    if loaded is not None:
+        _force_skip(loaded)
+    elif _WhenDynamoLoads not in sys.meta_path:
+        sys.meta_path.insert(0, _WhenDynamoLoads)
+
+
+_run_eagerly_under_compile()
 
 _NO_MILESTONE = sys.maxsize  # the last phase never ends (an int: int/int compares are fastest)
 # Keys that every LRScheduler may have, whatever its class: ignored when a saved state is
@@ -244,17 +294,19 @@ def _current_lrs(optimizer: Optimizer) -> list:
     return [_copy(g["lr"]) for g in optimizer.param_groups]
 
 
-def _rebase(scheduler: Any, lrs: list) -> None:
-    """Give ``scheduler`` (and the leaves inside a composite) ``lrs`` as base learning rates,
-    as its constructor would have taken them from param groups whose ``lr`` was ``lrs``.
-    CyclicLR and OneCycleLR take their range from their own arguments: left alone."""
+def _rebase(scheduler: Any, lrs: list) -> list:
+    """Give ``scheduler`` the base learning rates its constructor would have read from param
+    groups whose ``initial_lr`` is ``lrs``; return the ``initial_lr`` it leaves for the
+    schedulers built after it (inside a composite, children are built one after another).
+    CyclicLR and OneCycleLR take their range from their own arguments and leave it behind."""
     if isinstance(scheduler, (ChainedScheduler, TorchSequentialLR)):
         for child in scheduler._schedulers:
-            _rebase(child, lrs)
-    elif isinstance(scheduler, LRScheduler) and not isinstance(
-        scheduler, (SequentialLR, CyclicLR, OneCycleLR, ReduceLROnPlateau)
-    ):
+            lrs = _rebase(child, lrs)
+    elif isinstance(scheduler, (CyclicLR, OneCycleLR)):
+        lrs = list(scheduler.base_lrs)
+    elif isinstance(scheduler, LRScheduler) and not isinstance(scheduler, (SequentialLR, ReduceLROnPlateau)):
         scheduler.base_lrs = [_copy(lr) for lr in lrs]
+    return lrs
 
 
 def restart(scheduler: Any, start_lrs: list | None = None) -> None:

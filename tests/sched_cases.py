@@ -1,8 +1,9 @@
 """Shared builders for the sched tests: optimizers, phase factories, and the reference.
 
 The reference implements the definition in SequentialLR's docstring literally: phase k is
-built alone on a fresh optimizer with the same param groups, stepped ``t - m(k)`` times,
-and its learning rates are read off.
+built alone on a fresh optimizer with the same param groups whose learning rates are the
+phase's start lrs (the base lrs, or for ``start_from="previous"`` the lrs of step m(k) - 1),
+stepped ``t - m(k)`` times, and its learning rates are read off.
 """
 
 from __future__ import annotations
@@ -12,17 +13,18 @@ import math
 
 import torch
 from torch.optim.lr_scheduler import ReduceLROnPlateau
+from torch.optim.swa_utils import SWALR
 
 from sched import SequentialLR, phase_index, phase_start
 
 BASE_LRS = (0.05, 0.5)
 
 
-def make_optimizer(n_groups: int = 1, tensor_lr: bool = False, momentum: float = 0.9):
-    """SGD over ``n_groups`` groups with lrs 0.05, 0.5 (torch's test setup)."""
+def make_optimizer(n_groups: int = 1, tensor_lr: bool = False, momentum: float = 0.9, lrs=BASE_LRS):
+    """SGD over ``n_groups`` groups with lrs 0.05, 0.5 (torch's test setup) or ``lrs``."""
     groups = []
     for i in range(n_groups):
-        lr = torch.tensor(BASE_LRS[i], dtype=torch.float64) if tensor_lr else BASE_LRS[i]
+        lr = torch.tensor(lrs[i], dtype=torch.float64) if tensor_lr else lrs[i]
         groups.append({"params": [torch.nn.Parameter(torch.zeros(2))], "lr": lr})
     return torch.optim.SGD(groups, lr=BASE_LRS[0], momentum=momentum)
 
@@ -49,14 +51,20 @@ def run(scheduler, optimizer, steps: int, metrics: bool = False) -> list[list[fl
     return out
 
 
-def reference(factories, milestones, steps: int, n_groups: int = 1, tensor_lr: bool = False):
-    """The definition: each phase built alone on a fresh optimizer, stepped to its local step."""
+def reference(factories, milestones, steps: int, n_groups: int = 1, tensor_lr: bool = False, start_from=None):
+    """The definition: each phase built alone on a fresh optimizer holding its start lrs,
+    stepped to its local step."""
+    start_from = start_from or [None] * len(factories)
     phases = {}
     out = []
     for t in range(steps):
         k = phase_index(t, milestones)
         if k not in phases:
-            opt = make_optimizer(n_groups, tensor_lr)
+            mode = start_from[k] or (
+                "previous" if isinstance(factories[k](make_optimizer(n_groups)), SWALR) else "base"
+            )
+            handed = mode == "previous" and phase_start(k, milestones) > 0
+            opt = make_optimizer(n_groups, tensor_lr, lrs=out[-1] if handed else BASE_LRS)
             phases[k] = (opt, factories[k](opt))
         opt, sched = phases[k]
         local = t - phase_start(k, milestones)

@@ -7,6 +7,7 @@ edit here. Scheduler options are built on a real optimizer and stepped 100 times
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,20 @@ def test_scheduler_option_steps_100_times(option):
     peak = cfg.optimizer.lr
     assert all(0.0 <= lr <= peak * (1 + 1e-12) for lr in lrs), (option, lrs)
     assert len(set(lrs)) > 1 or option == "constant"
+
+
+def test_swa_option_anneals_from_where_the_cosine_left_off():
+    """scheduler=cosine_swa: no jump at the milestone (SWALR starts from the cosine's last lr),
+    then 5% of the peak from 80% of the run on."""
+    cfg = compose_with("scheduler=cosine_swa", "trainer.epochs=10")  # 100 steps
+    optimizer = instantiate(cfg.optimizer, _convert_="all")([torch.nn.Parameter(torch.zeros(3))])
+    scheduler = instantiate(cfg.scheduler)(optimizer)
+    lrs = []
+    for _ in range(100):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    peak = cfg.optimizer.lr
+    assert lrs[75] == pytest.approx(lrs[74]) and lrs[74] == pytest.approx(peak * (1 + math.cos(math.pi * 0.74)) / 2)
+    assert max(abs(a - b) for a, b in zip(lrs, lrs[1:])) < 0.05 * peak  # smooth everywhere
+    assert lrs[80:] == pytest.approx([0.05 * peak] * 20)

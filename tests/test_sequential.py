@@ -25,6 +25,7 @@ from torch.optim.lr_scheduler import (
     StepLR,
 )
 from torch.optim.lr_scheduler import SequentialLR as TorchSequentialLR
+from torch.optim.swa_utils import SWALR
 
 from sched import SequentialLR
 from tests.sched_cases import P, assert_close, make_optimizer, reference, run
@@ -377,6 +378,190 @@ def test_fix_last_epoch_resumes_at_step(cls, resume_at):
 
 
 # --------------------------------------------------------------------------------------
+# Phases that continue from the lr they are handed (start_from="previous"; SWALR's default).
+# --------------------------------------------------------------------------------------
+# Cosine(T_max=4) then SWALR(swa_lr=0.01, anneal_epochs=3, linear) at milestone 4, lr 0.1:
+# torch's values (the SWA recipe), and what restarting SWALR from the base lr gives instead.
+SWA_TORCH = [0.1, 0.08535534, 0.05, 0.01464466, 0.01464466, 0.01309644, 0.01154822, 0.01, 0.01]
+SWA_RESTARTED = [0.1, 0.08535534, 0.05, 0.01464466, 0.1, 0.07, 0.04, 0.01, 0.01]
+
+
+def _swa_opt():
+    return torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+
+
+def _swa_kids(opt, as_objects):
+    kids = [P(CosineAnnealingLR, T_max=4), P(SWALR, swa_lr=0.01, anneal_epochs=3, anneal_strategy="linear")]
+    return [k(opt) for k in kids] if as_objects else kids
+
+
+@pytest.mark.parametrize("cls,as_objects", [(TorchSequentialLR, True), (SequentialLR, True), (SequentialLR, False)])
+def test_swalr_continues_from_the_lr_it_is_handed(cls, as_objects):
+    opt = _swa_opt()
+    s = cls(opt, _swa_kids(opt, as_objects), [4])
+    assert [x[0] for x in run(s, opt, 9)] == pytest.approx(SWA_TORCH, rel=1e-6)
+
+
+def test_start_from_base_restarts_swalr():
+    opt = _swa_opt()
+    s = SequentialLR(opt, _swa_kids(opt, False), [4], start_from=["base", "base"])
+    assert [x[0] for x in run(s, opt, 9)] == pytest.approx(SWA_RESTARTED, rel=1e-6)
+
+
+def test_start_from_previous_for_a_closed_form_phase():
+    """Linear warmup to 0.05, decay to 0.025 by step 4, then a cosine from the lr it is handed
+    (0.025) to 0, where "base" would restart the cosine at 0.05."""
+    opt = make_optimizer()
+    kids = [P(LinearLR, start_factor=1.0, end_factor=0.5, total_iters=4), P(CosineAnnealingLR, T_max=2)]
+    s = SequentialLR(opt, kids, [4], start_from=[None, "previous"])
+    got = [x[0] for x in run(s, opt, 7)]
+    assert got == pytest.approx([0.05, 0.04375, 0.0375, 0.03125, 0.03125, 0.015625, 0.0], abs=1e-15)
+    assert_close([[g] for g in got], reference(kids, [4], 7, start_from=[None, "previous"]))
+
+
+def test_start_from_previous_in_a_nested_composite_survives_state_and_last_epoch():
+    """A nested SequentialLR handed the lr of the phase before it: its own "base" phases restart
+    from that lr, and both save/load and last_epoch=N resume give the same lrs."""
+    inner = P(SequentialLR, schedulers=[P(ConstantLR, factor=1.0, total_iters=1), P(LambdaLR, lr_lambda=lambda e: 0.5**e)], milestones=[2])
+    kids = [P(ExponentialLR, gamma=0.5), inner]
+    start = [None, "previous"]
+    opt = make_optimizer(2)
+    full = run(SequentialLR(opt, kids, [3], start_from=start), opt, 8)
+    assert_close(full, reference(kids, [3], 8, n_groups=2, start_from=start))
+    assert [x[0] for x in full][3:] == pytest.approx([0.0125, 0.0125, 0.0125, 0.00625, 0.003125])
+    for stop in range(8):
+        o1 = make_optimizer(2)
+        s1 = SequentialLR(o1, kids, [3], start_from=start)
+        run(s1, o1, stop)
+        o2 = make_optimizer(2)
+        s2 = SequentialLR(o2, kids, [3], start_from=start)
+        o2.load_state_dict(roundtrip(o1.state_dict()))
+        s2.load_state_dict(roundtrip(s1.state_dict()))
+        assert run(s2, o2, 8 - stop) == full[stop:], f"load at {stop}"
+        o3 = make_optimizer(2)
+        assert run(SequentialLR(o3, kids, [3], start_from=start, last_epoch=stop), o3, 8 - stop) == full[stop:]
+
+
+def test_start_from_through_hydra_partial_children():
+    from hydra.utils import instantiate
+
+    cfg = OmegaConf.create({
+        "_target_": "sched.SequentialLR", "_partial_": True, "milestones": [4],
+        "start_from": [None, "previous"],
+        "schedulers": [
+            {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "_partial_": True, "T_max": 4},
+            {"_target_": "torch.optim.swa_utils.SWALR", "_partial_": True, "swa_lr": 0.01,
+             "anneal_epochs": 3, "anneal_strategy": "linear"},
+        ],
+    })
+    opt = _swa_opt()
+    s = instantiate(cfg)(opt)
+    assert [x[0] for x in run(s, opt, 9)] == pytest.approx(SWA_TORCH, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "start_from,match",
+    [
+        ("previous", r"start_from must be a list with one entry per scheduler.*got str 'previous'"),
+        (["base"], r"start_from must have one entry per scheduler: got 1 entries \['base'\] for 2"),
+        (["base", "prev"], r"start_from\[1\] must be one of 'base', 'previous' or None, got 'prev'"),
+    ],
+)
+def test_bad_start_from(start_from, match):
+    opt = make_optimizer()
+    with pytest.raises(ValueError, match=match):
+        SequentialLR(opt, [P(ConstantLR), P(ExponentialLR, gamma=0.9)], [2], start_from=start_from)
+    assert opt.param_groups[0]["lr"] == 0.05 and "initial_lr" not in opt.param_groups[0]
+
+
+# --------------------------------------------------------------------------------------
+# step(epoch): torch's class has no epoch argument; ours takes metrics only for plateau phases.
+# --------------------------------------------------------------------------------------
+def test_step_with_an_argument_and_no_plateau_phase_is_a_type_error():
+    opt = make_optimizer()
+    s = SequentialLR(opt, [P(ConstantLR, factor=0.5, total_iters=2), P(ExponentialLR, gamma=0.9)], [2])
+    with pytest.raises(TypeError, match=r"got 5: the epoch argument is not supported.*only for ReduceLROnPlateau phases"):
+        s.step(5)
+    assert s.last_epoch == 0 and s.get_last_lr() == [0.025]
+    torch_s = TorchSequentialLR(opt, [ConstantLR(opt, factor=0.5), ExponentialLR(opt, gamma=0.9)], [2])
+    with pytest.raises(TypeError):
+        torch_s.step(5)
+
+
+def test_step_with_metrics_still_goes_to_a_nested_plateau_phase():
+    opt = make_optimizer()
+    nested = P(SequentialLR, schedulers=[P(ConstantLR, factor=1.0), P(ReduceLROnPlateau, factor=0.5, patience=0)], milestones=[1])
+    s = SequentialLR(opt, [P(ExponentialLR, gamma=0.9), nested], [1])
+    for metric in (1.0, 1.0, 1.0, 1.0):  # milestone, inner milestone, best, bad -> halve
+        s.step(metric)
+    assert s.get_last_lr()[0] == pytest.approx(0.025)
+
+
+# --------------------------------------------------------------------------------------
+# torch.compile: the pattern of torch's compiled-optimizer tutorial, tensor lr.
+# --------------------------------------------------------------------------------------
+COMPILE_SCRIPT = """
+import json, sys, torch
+from torch.optim.lr_scheduler import LinearLR, ExponentialLR, SequentialLR as TorchSequentialLR
+import seqlr  # before anything imports torch._dynamo: the late-registration path
+assert "torch._dynamo.trace_rules" not in sys.modules
+from torch._dynamo.utils import counters
+
+def trial(cls):
+    torch._dynamo.reset(); counters.clear()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(0.01))
+    s = cls(opt, [LinearLR(opt, start_factor=0.1, total_iters=2), ExponentialLR(opt, gamma=0.9)], [3])
+
+    @torch.compile(backend="eager")  # graph breaks and recompiles are dynamo's: no codegen needed
+    def step():
+        opt.step()
+        s.step()
+
+    x, lrs = torch.randn(8, 4), []
+    for _ in range(8):
+        model(x).sum().backward()
+        step()
+        lrs.append(float(opt.param_groups[0]["lr"]))
+    return {"graph_breaks": sum(counters["graph_break"].values()),
+            "graphs": counters["stats"]["unique_graphs"], "lrs": lrs}
+
+print(json.dumps({"torch": trial(TorchSequentialLR), "ours": trial(seqlr.SequentialLR)}))
+"""
+
+
+def test_compiled_step_breaks_and_recompiles_no_more_than_torch():
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent  # `python -c` puts the cwd first: this checkout
+    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    ours, theirs = got["ours"], got["torch"]
+    assert ours["lrs"] == pytest.approx(theirs["lrs"], rel=1e-6)
+    assert ours["graph_breaks"] <= theirs["graph_breaks"], got
+    assert ours["graphs"] <= theirs["graphs"], got
+
+
+def test_tensor_lr_set_without_item(monkeypatch):
+    """No host sync when a phase sets a tensor lr (``.item()`` would be one, and a graph break)."""
+    opt = make_optimizer(tensor_lr=True)
+    s = SequentialLR(opt, [P(ConstantLR, factor=0.5, total_iters=9), P(ExponentialLR, gamma=0.9)], [2])
+    lr = opt.param_groups[0]["lr"]
+
+    def no_item(self):
+        raise AssertionError("Tensor.item() called")
+
+    monkeypatch.setattr(torch.Tensor, "item", no_item)
+    run(s, opt, 4)
+    assert opt.param_groups[0]["lr"] is lr
+
+
+# --------------------------------------------------------------------------------------
 # Validation.
 # --------------------------------------------------------------------------------------
 def _two(opt):
@@ -399,6 +584,59 @@ def test_bad_milestones(milestones, match):
     opt = make_optimizer()
     with pytest.raises(ValueError, match=match):
         SequentialLR(opt, _two(opt), milestones)
+
+
+@pytest.mark.parametrize(
+    "milestones",
+    [
+        pytest.param(lambda np: np.cumsum([3, 5])[:-1], id="numpy-cumsum"),
+        pytest.param(lambda np: np.array([3], dtype=np.int32), id="numpy-int32"),
+        pytest.param(lambda np: [np.int64(3)], id="numpy-scalar"),
+        pytest.param(lambda np: torch.tensor([3]), id="tensor"),
+        pytest.param(lambda np: [torch.tensor(3)], id="0d-tensor-entry"),
+        pytest.param(lambda np: (3,), id="tuple"),
+        pytest.param(lambda np: range(3, 4), id="range"),
+        pytest.param(lambda np: OmegaConf.create([3]), id="listconfig"),
+    ],
+)
+def test_any_sequence_of_integers_as_milestones(milestones):
+    import numpy as np
+
+    def build(cls, m):
+        opt = make_optimizer()
+        return opt, cls(opt, [ConstantLR(opt, factor=0.5, total_iters=9), ExponentialLR(opt, gamma=0.9)], m)
+
+    o1, ours = build(SequentialLR, milestones(np))
+    o2, theirs = build(TorchSequentialLR, [3])  # torch's bisect refuses a tensor: the same lrs
+    assert_close(run(ours, o1, 6), run(theirs, o2, 6))
+    state = roundtrip(ours.state_dict())
+    assert state["_milestones"] == [3] and type(state["_milestones"][0]) is int
+
+
+@pytest.mark.parametrize(
+    "milestones,match",
+    [
+        (lambda np: np.array([2.0]), r"milestones\[0\] must be an int.*float64"),
+        (lambda np: [np.float32(2)], r"milestones\[0\] must be an int.*float32"),
+        (lambda np: np.array([True]), r"milestones\[0\] must be an int \(bool refused\)"),
+        (lambda np: torch.tensor([2.0]), r"milestones\[0\] must be an int.*Tensor tensor\(2\.\)"),
+        (lambda np: torch.tensor([True]), r"milestones\[0\] must be an int \(bool refused\).*Tensor"),
+        (lambda np: torch.tensor([[2]]), r"milestones must be a 1-D sequence of ints, got a 2-D Tensor"),
+        (lambda np: torch.tensor(2), r"milestones must be a 1-D sequence of ints, got a 0-D Tensor"),
+        (lambda np: np.array([-1]), r"milestones\[0\] must be >= 0, got -1"),
+        (lambda np: np.array([2, 3]), r"exactly one fewer.*got 2 milestones"),
+        (lambda np: {3}, r"milestones must be a list of ints, got set"),
+    ],
+)
+def test_bad_milestone_sequences(milestones, match):
+    import numpy as np
+
+    opt = make_optimizer()
+    with pytest.raises(ValueError, match=match):
+        SequentialLR(opt, _two(opt), milestones(np))
+    kids = [ConstantLR(opt, factor=0.5), ExponentialLR(opt, gamma=0.9), StepLR(opt, 2)]
+    with pytest.raises(ValueError, match=r"milestones\[1\] = 2 is smaller than milestones\[0\] = 5"):
+        SequentialLR(opt, kids, np.array([5, 2]))
 
 
 def test_unsorted_milestones():

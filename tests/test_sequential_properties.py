@@ -1,10 +1,12 @@
-"""Property-based tests: random compositions of one to four phases of every kind.
+"""Property-based tests: random compositions of one to four phases of every kind, each phase
+starting from the base lrs or from the lrs it is handed (``start_from``, drawn too).
 
 For each drawn composition:
 * ours (children as callables) equals the definition (each phase built alone, concatenated);
 * where torch is right, ours equals torch's SequentialLR (children as objects for both);
 * saving at a random step through torch.save / torch.load(weights_only=True), building a
-  fresh optimizer and scheduler, loading both and continuing is bit-identical.
+  fresh optimizer and scheduler, loading both and continuing is bit-identical;
+* building with ``last_epoch=N`` gives the lrs of step N onwards of a run that never stopped.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from torch.optim.lr_scheduler import (
     StepLR,
 )
 from torch.optim.lr_scheduler import SequentialLR as TorchSequentialLR
+from torch.optim.swa_utils import SWALR
 
 from sched import SequentialLR, needs_metrics
 from tests.sched_cases import P, assert_close, make_optimizer, reference, run
@@ -76,7 +79,12 @@ leaf_right = st.one_of(
         lambda t0, tm, e: (P(CosineAnnealingWarmRestarts, T_0=t0, T_mult=tm, eta_min=e), True, "warm_restarts"),
         st.integers(1, 5), st.integers(1, 2), st.floats(0.0, 1e-3),
     ),
+    st.builds(
+        lambda lr, n, a: (P(SWALR, swa_lr=lr, anneal_epochs=n, anneal_strategy=a), True, "swa"),
+        st.floats(1e-3, 0.1), st.integers(0, 6), st.sampled_from(["cos", "linear"]),
+    ),
 )
+start = st.sampled_from([None, "base", "previous"])
 leaf_other = st.one_of(
     st.builds(lambda f: (P(MultiplicativeLR, lr_lambda=lambda s, f=f: f), True, "multiplicative"), gamma),
     st.builds(
@@ -96,8 +104,10 @@ def _chained(opt, a, b):
 
 composite = st.one_of(
     st.builds(
-        lambda a, b, m: (P(SequentialLR, schedulers=[a[0], b[0]], milestones=[m]), False, "ours"),
-        st.one_of(leaf_right, leaf_other), st.one_of(leaf_right, leaf_other), st.integers(0, 8),
+        lambda a, b, m, sa, sb: (
+            P(SequentialLR, schedulers=[a[0], b[0]], milestones=[m], start_from=[sa, sb]), False, "ours"
+        ),
+        st.one_of(leaf_right, leaf_other), st.one_of(leaf_right, leaf_other), st.integers(0, 8), start, start,
     ),
     st.builds(
         lambda a, b, m: (
@@ -121,10 +131,14 @@ def compositions(draw):
     phases = draw(st.lists(phase, min_size=1, max_size=4))
     milestones = sorted(draw(st.lists(st.integers(0, 16), min_size=len(phases) - 1, max_size=len(phases) - 1)))
     n_groups = draw(st.integers(1, 2))
-    return phases, milestones, n_groups
+    start_from = draw(st.lists(start, min_size=len(phases), max_size=len(phases)))
+    return phases, milestones, n_groups, start_from
 
 
-def _torch_is_right(phases) -> bool:
+def _torch_is_right(phases, start_from) -> bool:
+    """torch's rule: SWALR continues from the lr it is handed, every other phase restarts."""
+    if any(start_from):
+        return False
     for i, (_, right, name) in enumerate(phases):
         if not right or (name == "multiplicative" and i > 0):
             return False
@@ -144,18 +158,19 @@ SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[Heal
 @SETTINGS
 @given(compositions())
 def test_equals_definition(case):
-    phases, milestones, n_groups = case
+    phases, milestones, n_groups, start_from = case
     factories = [f for f, _, _ in phases]
     opt = make_optimizer(n_groups)
-    s = SequentialLR(opt, factories, milestones)
+    s = SequentialLR(opt, factories, milestones, start_from=start_from)
     got = run(s, opt, HORIZON, metrics=needs_metrics(s))
-    assert_close(got, reference(factories, milestones, HORIZON, n_groups), what=f"{[n for *_, n in phases]} {milestones}")
+    want = reference(factories, milestones, HORIZON, n_groups, start_from=start_from)
+    assert_close(got, want, what=f"{[n for *_, n in phases]} {milestones} {start_from}")
 
 
 @SETTINGS
-@given(compositions().filter(lambda c: _torch_is_right(c[0])))
+@given(compositions().filter(lambda c: _torch_is_right(c[0], c[3])))
 def test_equals_torch_where_torch_is_right(case):
-    phases, milestones, n_groups = case
+    phases, milestones, n_groups, _ = case
 
     def build(cls):
         opt = make_optimizer(n_groups)
@@ -168,15 +183,15 @@ def test_equals_torch_where_torch_is_right(case):
 @SETTINGS
 @given(compositions(), st.integers(0, HORIZON))
 def test_save_and_resume_is_bit_identical(case, stop):
-    phases, milestones, n_groups = case
+    phases, milestones, n_groups, start_from = case
     factories = [f for f, _, _ in phases]
     opt = make_optimizer(n_groups)
-    s = SequentialLR(opt, factories, milestones)
+    s = SequentialLR(opt, factories, milestones, start_from=start_from)
     metrics = needs_metrics(s)
     full = run(s, opt, HORIZON, metrics)
 
     opt1 = make_optimizer(n_groups)
-    s1 = SequentialLR(opt1, factories, milestones)
+    s1 = SequentialLR(opt1, factories, milestones, start_from=start_from)
     head = []
     for t in range(stop):  # the same loop as run(), to keep the metric index global
         head.append([float(x) for x in s1.get_last_lr()])
@@ -185,7 +200,7 @@ def test_save_and_resume_is_bit_identical(case, stop):
     sched_state, opt_state = _roundtrip(s1.state_dict()), _roundtrip(opt1.state_dict())
 
     opt2 = make_optimizer(n_groups)
-    s2 = SequentialLR(opt2, factories, milestones)
+    s2 = SequentialLR(opt2, factories, milestones, start_from=start_from)
     opt2.load_state_dict(opt_state)
     s2.load_state_dict(sched_state)
     tail = []
@@ -200,3 +215,27 @@ def _metric(step):
     from tests.sched_cases import metric_at
 
     return metric_at(step)
+
+
+@SETTINGS
+@given(compositions(), st.integers(0, HORIZON))
+def test_last_epoch_resumes_bit_identically(case, resume_at):
+    """``last_epoch=N`` replays the phases (a ReduceLROnPlateau phase without metrics, so the
+    run it is compared with steps without them too)."""
+    phases, milestones, n_groups, start_from = case
+    factories = [f for f, _, _ in phases]
+    opt = make_optimizer(n_groups)
+    s = SequentialLR(opt, factories, milestones, start_from=start_from)
+    full = []
+    for _ in range(HORIZON):
+        full.append([float(x) for x in s.get_last_lr()])
+        opt.step()
+        s.step(None, _replaying=True)  # the replay's own step: no metrics
+    opt2 = make_optimizer(n_groups)
+    s2 = SequentialLR(opt2, factories, milestones, start_from=start_from, last_epoch=resume_at)
+    tail = []
+    for _ in range(resume_at, HORIZON):
+        tail.append([float(x) for x in s2.get_last_lr()])
+        opt2.step()
+        s2.step(None, _replaying=True)
+    assert tail == full[resume_at:]
