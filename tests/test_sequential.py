@@ -531,6 +531,7 @@ print(json.dumps({"torch": trial(TorchSequentialLR), "ours": trial(seqlr.Sequent
 """
 
 
+@pytest.mark.slow  # a subprocess that imports dynamo and compiles twice: ~8 s on a 2-core CPU
 def test_compiled_step_breaks_and_recompiles_no_more_than_torch():
     import json
     import subprocess
