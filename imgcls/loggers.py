@@ -18,7 +18,7 @@ class CSVLogger:
     def __init__(self, run_dir: str | Path, num_groups: int, filename: str = "metrics.csv"):
         self.columns = ["step", "epoch", *[f"lr_{i}" for i in range(num_groups)],
                         "train_loss", "images_per_second", "test_loss", "test_acc"]
-        path = Path(run_dir) / filename
+        path = self.path = Path(run_dir) / filename  # .path: named by a write fault (train.MetricsLog)
         new = not path.exists()
         self.file = open(path, "a", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=self.columns, extrasaction="ignore")
@@ -51,7 +51,8 @@ class TensorBoardLogger:
                 "logger=tensorboard needs the tensorboard package: pip install tensorboard "
                 "(or the project's `tensorboard` extra)"
             ) from e
-        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / subdir))
+        self.path = Path(run_dir) / subdir  # named by a write fault (train.MetricsLog)
+        self.writer = SummaryWriter(log_dir=str(self.path))
 
     def log(self, record: dict) -> None:
         step = record["step"]
