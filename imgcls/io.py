@@ -79,7 +79,8 @@ def fault_message(path: str | os.PathLike, what: str, e: OSError, kept: str = ""
     """One line: 'could not write <what> <path>: <cause>[, N free on the disk under <dir>][; kept]'."""
     msg = f"could not write {what} {path}: {_cause(e)}"
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        folder = Path(os.path.realpath(path)).parent  # the disk the file is really on (links followed)
+        real = Path(os.path.realpath(path))  # the disk the file is really on (links followed)
+        folder = real if real.is_dir() else real.parent
         free = free_bytes(folder)
         if free is not None:
             msg += f", {human_bytes(free)} free on the disk under {folder}"
