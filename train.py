@@ -31,7 +31,7 @@ register_resolvers()
 EXIT_SIGNAL = {"SIGTERM": 143, "SIGINT": 130}  # 128 + signal number, as a shell reports it
 EXIT_BAD_INPUT = 2       # a config value, a data file or a checkpoint was refused at start-up
 EXIT_NONFINITE = 3       # the training loss became NaN or inf (the last good checkpoint is kept)
-EXIT_WRITE_FAULT = 4     # a checkpoint could not be written (the previous one is intact)
+EXIT_WRITE_FAULT = 4     # a file could not be written: disk full, read-only (what was saved is intact)
 
 
 @hydra.main(config_path=str(Path(__file__).resolve().parent / "conf"), config_name="config", version_base="1.3")
@@ -54,6 +54,8 @@ def recipe(cfg: DictConfig, run_dir: Path) -> float | None:
     state = resume(cfg, run_dir, model, optimizer, scheduler, dist)  # 7. resume
     if state.epoch >= cfg.trainer.epochs:
         print(f"run in {run_dir} already finished at step {state.step}: nothing to do")
+        if not (run_dir / "results.json").exists():  # its writing failed (a full disk): once more
+            write_results(run_dir, state, device, dist)
         return state.best_acc
     stop = train(cfg, run_dir, data, model, optimizer, scheduler, state, device, dist)  # 8. loop
     if stop:
@@ -87,10 +89,11 @@ class exit_cleanly:
         from omegaconf.errors import OmegaConfBaseException
 
         from imgcls.checkpoint import CheckpointError
+        from imgcls.io import WriteFault, is_write_fault
 
         if issubclass(kind, FloatingPointError):
             code = EXIT_NONFINITE
-        elif issubclass(kind, CheckpointWriteError):
+        elif issubclass(kind, WriteFault) or is_write_fault(exc):  # any file: disk full, read-only
             code = EXIT_WRITE_FAULT
         elif issubclass(kind, (ValueError, FileNotFoundError, CheckpointError, OmegaConfBaseException)):
             code = EXIT_BAD_INPUT
@@ -209,8 +212,10 @@ def build_scheduler(cfg: DictConfig, optimizer):
 
 
 def write_config(cfg: DictConfig, run_dir: Path, dist) -> None:
+    from imgcls.io import write_text_atomic
+
     if dist.is_main:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True), "the resolved config")
 
 
 # --------------------------------------------------------------------------------------
@@ -295,13 +300,13 @@ def set_aside_unreadable(last: Path, resumed_from: Path, dist) -> None:
 
 
 def trim_metrics(path: Path, step: int) -> None:
-    """Drop metrics lines written after the checkpoint (a run killed between checkpoints)."""
-    if not path.exists():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln)["step"] <= step]
-    if len(kept) != len(lines):
-        path.write_text("".join(ln + "\n" for ln in kept))
+    """Drop metrics lines written after the checkpoint (a run killed between checkpoints), and a
+    torn last line (a kill or a full disk in mid-write)."""
+    from imgcls.io import truncate_jsonl
+
+    torn = truncate_jsonl(path, lambda record: record["step"] <= step, what="metrics")
+    if torn is not None:
+        print(f"{path}: dropped its torn last line {torn!r} (a kill or a full disk in mid-write)", flush=True)
 
 
 def save(cfg: DictConfig, run_dir: Path, model, optimizer, scheduler, state: State, dist) -> None:
@@ -312,11 +317,14 @@ def save(cfg: DictConfig, run_dir: Path, model, optimizer, scheduler, state: Sta
     try:
         _save(cfg, run_dir, model, optimizer, scheduler, state)
     except OSError as e:
-        raise CheckpointWriteError(str(e)) from e
+        raise CheckpointWriteError(e.strerror or str(e), checkpoint_path(run_dir), e.errno) from e
     distributed.barrier(dist)
 
 
-class CheckpointWriteError(RuntimeError):
+from imgcls.io import WriteFault  # noqa: E402 (a write fault of any file: exit 4)
+
+
+class CheckpointWriteError(WriteFault):
     """A checkpoint could not be written (disk full, read-only...); the previous one is intact."""
 
 
@@ -366,26 +374,48 @@ class MetricsLog:
     """metrics.jsonl: one JSON object per line, flushed per line so a kill loses nothing;
     the optional logger of cfg.logger gets the same records (and ``extra`` ones)."""
 
+    KEPT = "every complete line before it is kept; the last checkpoint is intact (the same command resumes)"
+
     def __init__(self, path: Path | None, progress: bool, logger=None):
-        self.file = open(path, "a") if path is not None else None  # None: a rank other than 0
+        from imgcls.io import JsonLines
+
+        # None: a rank other than 0. One os.write per line: a kill loses nothing, a full disk
+        # leaves no torn line (see JsonLines).
+        self.file = JsonLines(path, "metrics", self.KEPT) if path is not None else None
         self.progress = progress
         self.logger = logger
 
     def write(self, record: dict, echo: bool, **extra) -> None:
         if self.file is None:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        self.file.append(record)
         if self.logger is not None:
-            self.logger.log({**record, **extra})
+            with self._logger_writes():
+                self.logger.log({**record, **extra})
         if echo and not self.progress:
             print(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()), flush=True)
 
+    def _logger_writes(self):
+        """A logger's OSError (disk full, read-only) as a WriteFault naming its file."""
+        from imgcls.io import writing
+
+        where = getattr(self.logger, "path", None) or type(self.logger).__name__
+        return writing(where, "the logger's file", "metrics.jsonl and the last checkpoint are intact")
+
     def close(self):
-        if self.file is not None:
-            self.file.close()
-        if self.logger is not None:
-            self.logger.close()
+        """Closes everything; while another error is on its way out (sys.exc_info() inside the
+        loop's `finally`), a failing close (a logger flushing to the same full disk) stays quiet
+        so that error is the one reported."""
+        failing = sys.exc_info()[1] is not None
+        try:
+            if self.file is not None:
+                self.file.close()
+            if self.logger is not None:
+                with self._logger_writes():
+                    self.logger.close()
+        except Exception:
+            if not failing:
+                raise
 
 
 def build_logger(cfg: DictConfig, run_dir: Path, optimizer):
@@ -596,7 +626,10 @@ def write_results(run_dir: Path, state: State, device, dist) -> None:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
     }
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    from imgcls.io import write_text_atomic
+
+    write_text_atomic(run_dir / "results.json", json.dumps(results, indent=2) + "\n", "the results",
+                      "the last checkpoint is intact (the same command writes them again)")
     acc = results["final_test_acc"]
     print(f"done: test accuracy {acc if acc is None else f'{acc:.4f}'}, results in {run_dir / 'results.json'}", flush=True)
 

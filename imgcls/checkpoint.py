@@ -15,6 +15,7 @@ first) and `find_resumable` falls back to them if `last.pt` is unreadable.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
@@ -25,6 +26,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from imgcls.io import free_bytes, human_bytes, torch_save
 
 __all__ = [
     "CheckpointError",
@@ -137,7 +140,7 @@ def save_checkpoint(state: dict, path: str | Path, keep: int = 1) -> Path:
         if hasattr(os, "fchmod"):  # mkstemp makes 0600; give checkpoints the usual rw-r--r--
             os.fchmod(fd, 0o644)
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            torch_save(state, f)  # a full disk is an OSError(ENOSPC), not torch's "unexpected pos"
             f.flush()
             os.fsync(f.fileno())
         if keep > 1 and path.exists():
@@ -151,8 +154,13 @@ def save_checkpoint(state: dict, path: str | Path, keep: int = 1) -> Path:
                 pass
         if not isinstance(e, Exception):  # KeyboardInterrupt / SystemExit: don't mask them
             raise
+        room = ""
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = free_bytes(path.parent)
+            room = (f" (it needs about {human_bytes(_nbytes(state))}"
+                    + (f", {human_bytes(free)} free on the disk under {path.parent})" if free is not None else ")"))
         msg = (
-            f"could not save checkpoint to {path}: {type(e).__name__}: {e}; "
+            f"could not save checkpoint to {path}: {type(e).__name__}: {e}{room}; "
             f"the previous checkpoint at {path} (if any) is intact"
         )
         if isinstance(e, OSError):
@@ -160,6 +168,17 @@ def save_checkpoint(state: dict, path: str | Path, keep: int = 1) -> Path:
         raise RuntimeError(msg) from e
     _fsync_dir(path.parent)
     return path
+
+
+def _nbytes(obj) -> int:
+    """Bytes of tensor data in a checkpoint dict (what its file needs, give or take the metadata)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.untyped_storage().nbytes() if obj.device.type != "meta" else 0
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
 
 
 def _short_reason(e: Exception) -> str:

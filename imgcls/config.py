@@ -163,7 +163,12 @@ def _check_writable(run_dir) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise ValueError(f"hydra.run.dir: cannot write checkpoints into {ckpt_dir}: {e.strerror or e}") from e
+        from imgcls.io import WriteFault, is_write_fault
+
+        msg = f"hydra.run.dir: cannot write checkpoints into {ckpt_dir}: {e.strerror or e}"
+        if is_write_fault(e):  # a full or read-only file system: the write fault (exit 4)
+            raise WriteFault(msg, ckpt_dir, e.errno) from e
+        raise ValueError(msg) from e
 
 
 class config_errors:

@@ -20,6 +20,7 @@ resolved against the project root (the folder that holds ``imgcls/``), never the
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import hashlib
 import logging
 import os
@@ -37,6 +38,8 @@ import torch
 import torchvision
 from PIL import Image
 from torchvision.datasets.utils import check_integrity, download_and_extract_archive
+
+from imgcls.io import WriteFault, free_bytes, human_bytes, is_write_fault, torch_save
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +123,11 @@ def normalize_stats(images: torch.Tensor, chunk: int = 2048) -> tuple[tuple[floa
     return (tuple((mean / 255.0).tolist()), tuple((var.sqrt() / 255.0).tolist()))
 
 
+def _source_key(name: str, source: Path, extra: str = "") -> str:
+    """Short hash of the dataset name and absolute source path: the caches of one source share it."""
+    return hashlib.sha1(f"{name}\0{source}\0{extra}".encode()).hexdigest()[:8]
+
+
 def _file_key(source: Path, files: Sequence[Path], extra: str = "") -> str:
     """Short hash of the absolute source path and each file's (relative path, size, mtime_ns)."""
     h = hashlib.sha1()
@@ -149,12 +157,13 @@ def _load_cache(path: Path) -> dict | None:
 
 
 def _save_cache(path: Path, d: dict) -> None:
-    """``torch.save`` to a temp file in the same folder, then ``os.replace`` (atomic)."""
+    """``torch.save`` to a temp file in the same folder, then ``os.replace`` (atomic).
+    A full disk raises OSError(ENOSPC) (not torch's RuntimeError "unexpected pos")."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(d, f)
+            torch_save(d, f)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -177,15 +186,47 @@ def _to_dataset(d: dict, name: str, source: Path | str) -> Dataset:
     )
 
 
+def _cache_bytes(d: dict) -> int:
+    """Bytes of tensor data in a cache dict: about the size of its file."""
+    return sum(v.numel() * v.element_size() for v in d.values() if isinstance(v, torch.Tensor))
+
+
+def _remove_superseded(cache: Path) -> None:
+    """Delete the other caches of the same source (``<name>-<source key>-*.pt``): built from an
+    older state of its files (e.g. before a re-extraction gave them new mtimes), never read again."""
+    stem_prefix = cache.name.rsplit("-", 1)[0] + "-"
+    for old in cache.parent.glob(f"{stem_prefix}*.pt"):
+        if old != cache:
+            try:
+                size = old.stat().st_size
+                old.unlink()
+                log.info("removed superseded data cache %s (%s)", old, human_bytes(size))
+            except OSError as e:
+                log.warning("could not remove superseded data cache %s: %s", old, e)
+
+
 def _cached(name: str, root: Path, source: Path, files: Sequence[Path], build, key_extra: str = "") -> Dataset:
-    """Load ``<root>/cache/<name>-<key>.pt`` or ``build()`` it, add mean/std, save it."""
-    cache = root / "cache" / f"{name}-{_file_key(source, files, key_extra)}.pt"
+    """Load ``<root>/cache/<name>-<source key>-<file key>.pt`` or ``build()`` it, add mean/std,
+    save it (replacing the superseded caches of the same source). The cache is disposable: when it
+    cannot be written (a full disk) the run warns in one line and goes on from memory."""
+    cache = root / "cache" / f"{name}-{_source_key(name, source, key_extra)}-{_file_key(source, files, key_extra)}.pt"
     d = _load_cache(cache)
     if d is None:
         d = build()
         d["mean"], d["std"] = normalize_stats(d["train_images"])
         d["mean"], d["std"] = list(d["mean"]), list(d["std"])
-        _save_cache(cache, d)
+        if cache.parent.is_dir():
+            _remove_superseded(cache)  # first: their space may be what the new one needs
+        try:
+            _save_cache(cache, d)
+        except (OSError, RuntimeError) as e:
+            cause = f"{e.strerror} ({errno.errorcode.get(e.errno, e.errno)})" if isinstance(e, OSError) and e.strerror \
+                else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            free = free_bytes(cache.parent)
+            log.warning("could not write the data cache %s: %s; it needs about %s%s; training on from "
+                        "memory (the next run decodes the data again)", cache, cause,
+                        human_bytes(_cache_bytes(d)),
+                        f", {human_bytes(free)} free on the disk under {cache.parent}" if free is not None else "")
     return _to_dataset(d, name, source)
 
 
@@ -211,23 +252,87 @@ def _safe_members(tf: tarfile.TarFile, archive: Path) -> list[tarfile.TarInfo]:
     return out
 
 
-def _extract_atomic(archive: Path, dest: Path, subfolder: str | None = None) -> None:
+def _extraction_bytes(members: Sequence[tarfile.TarInfo], block: int) -> int:
+    """Disk space the extracted members take: each file rounded up to whole blocks, a block per folder."""
+    return sum(-(-m.size // block) * block if m.isfile() else block for m in members)
+
+
+def _image_cache_bytes(archive: Path, members: Sequence[tarfile.TarInfo]) -> int | None:
+    """About the size of the tensor cache of an image_folder archive: its images under
+    ``train/`` or ``test/`` times 3 x H x W bytes of the first one (+ 8 bytes of label). None if
+    the first image cannot be read."""
+    images = [m for m in members if m.isfile() and len(Path(m.name).parts) >= 3
+              and Path(m.name).parts[-3] in ("train", "test") and not Path(m.name).name.startswith(".")]
+    if not images:
+        return None
+    try:
+        with tarfile.open(archive) as tf, Image.open(tf.extractfile(images[0])) as im:
+            w, h = im.size
+    except Exception:
+        return None
+    return len(images) * (3 * w * h + 8)
+
+
+def _extraction_fault(archive: Path, dest: Path, e: OSError, members, cache_bytes) -> WriteFault:
+    """The one-line error of an extraction that the disk under data.root refused."""
+    root = dest.parent
+    try:
+        st = os.statvfs(root)
+        block = st.f_frsize or 4096
+    except (OSError, AttributeError):
+        block = 4096
+    need = _extraction_bytes(members, block) if members else None
+    cache = (cache_bytes(members) if members else None) if callable(cache_bytes) else cache_bytes
+    free = free_bytes(root)
+    what = ("the disk under data.root " + str(root) + " is full" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+            else f"data.root {root} cannot be written")
+    cause = f"{e.strerror or e}, {errno.errorcode.get(e.errno, e.errno)}"
+    sizes = []
+    if need is not None:
+        sizes.append(f"the extraction needs about {human_bytes(need)}")
+    if cache is not None:
+        sizes.append(f"the data cache about {human_bytes(cache)} more")
+    if free is not None:
+        sizes.append(f"{human_bytes(free)} are free")
+    return WriteFault(
+        f"cannot extract {archive}: {what} ({cause})" + (f"; {', '.join(sizes)}" if sizes else "")
+        + f"; nothing was left behind (the partial extraction was removed, {archive.name} is untouched): "
+        f"free some space or set data.root to a folder on a bigger disk", root, e.errno)
+
+
+def _extract_atomic(archive: Path, dest: Path, subfolder: str | None = None, cache_bytes=None) -> None:
     """Extract ``archive`` so that ``dest`` appears complete or not at all.
 
     The archive is extracted into a temp folder next to ``dest``, then renamed into place
     (``<tmp>/<subfolder>`` when given, else the whole temp folder). If another process
-    got there first, its copy is kept and ours deleted.
+    got there first, its copy is kept and ours deleted. A full or read-only disk under
+    ``dest`` raises WriteFault saying how much the extraction (and ``cache_bytes``: a number,
+    or a function of the members) needs; the temp folder is removed either way.
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if not is_write_fault(e):
+            raise
+        raise _extraction_fault(archive, dest, e, None, None) from e
     tmp = dest.parent / f".{dest.name}.extract-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     log.info("extracting %s -> %s", archive, dest)
     try:
+        members = None
         try:
             with tarfile.open(archive) as tf:
                 members = _safe_members(tf, archive)
                 kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
                 tf.extractall(tmp, members=members, **kw)
-        except (tarfile.TarError, EOFError, OSError) as e:
+        except OSError as e:
+            # the disk refused a write (full, read-only, quota): the archive itself is fine
+            writing_tmp = e.errno in (errno.EACCES, errno.EPERM) and str(e.filename or "").startswith(str(tmp))
+            if members is None or not (is_write_fault(e) or writing_tmp):
+                raise ValueError(f"{archive}: cannot be read as a tar archive ({e}); delete or "
+                                 f"replace it") from e
+            shutil.rmtree(tmp, ignore_errors=True)  # before measuring what is free
+            raise _extraction_fault(archive, dest, e, members, cache_bytes) from e
+        except (tarfile.TarError, EOFError) as e:
             raise ValueError(f"{archive}: cannot be read as a tar archive ({e}); delete or "
                              f"replace it") from e
         src = tmp / subfolder if subfolder else tmp
@@ -302,7 +407,8 @@ def _load_official(name: str, root: Path, download: bool) -> Dataset:
                                  f"{cls.filename} (expected {cls.tgz_md5}); the file is corrupt "
                                  f"or not the official archive. Delete it and download again "
                                  f"(data.download=true), or point data.root elsewhere.")
-            _extract_atomic(archive, folder, subfolder=cls.base_folder)
+            # the cache: 3x32x32 bytes + an int64 label per image (CIFAR-10 and -100: 60,000 images)
+            _extract_atomic(archive, folder, subfolder=cls.base_folder, cache_bytes=60_000 * (3 * 32 * 32 + 8))
         elif download:
             root.mkdir(parents=True, exist_ok=True)
             tmp = root / f".{cls.base_folder}.download-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -436,7 +542,7 @@ def _load_image_folder(root: Path, path: str | None) -> Dataset:
         if dest.is_dir():
             log.info("using %s, extracted earlier from %s", dest, src)
         else:
-            _extract_atomic(src, dest)
+            _extract_atomic(src, dest, cache_bytes=lambda members: _image_cache_bytes(src, members))
         base = dest
     else:
         base = src

@@ -18,7 +18,7 @@ class CSVLogger:
     def __init__(self, run_dir: str | Path, num_groups: int, filename: str = "metrics.csv"):
         self.columns = ["step", "epoch", *[f"lr_{i}" for i in range(num_groups)],
                         "train_loss", "images_per_second", "test_loss", "test_acc"]
-        path = Path(run_dir) / filename
+        path = self.path = Path(run_dir) / filename  # .path: named by a write fault (train.MetricsLog)
         new = not path.exists()
         self.file = open(path, "a", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=self.columns, extrasaction="ignore")
@@ -51,7 +51,9 @@ class TensorBoardLogger:
                 "logger=tensorboard needs the tensorboard package: pip install tensorboard "
                 "(or the project's `tensorboard` extra)"
             ) from e
-        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / subdir))
+        self.path = Path(run_dir) / subdir  # named by a write fault (train.MetricsLog)
+        self.writer = SummaryWriter(log_dir=str(self.path))
+        _quiet_writer_thread_faults()
 
     def log(self, record: dict) -> None:
         step = record["step"]
@@ -63,3 +65,25 @@ class TensorBoardLogger:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _quiet_writer_thread_faults() -> None:
+    """TensorBoard writes from a background thread; a full or read-only disk kills that thread,
+    which prints its traceback, and the same OSError comes back at the next add_scalar / close in
+    the training thread, where train.py reports it in one line (exit 4). Keep only that line."""
+    import threading
+
+    from imgcls.io import is_write_fault
+
+    if getattr(threading.excepthook, "_imgcls_quiet", False):
+        return
+    previous = threading.excepthook
+
+    def hook(args):
+        module = type(args.thread).__module__ if args.thread is not None else ""
+        if module.startswith("tensorboard.") and is_write_fault(args.exc_value):
+            return
+        previous(args)
+
+    hook._imgcls_quiet = True
+    threading.excepthook = hook

@@ -11,17 +11,39 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from imgcls.io import WriteFault, write_text_atomic
+
+EXIT_WRITE_FAULT = 4  # as train.py: a file could not be written (disk full, read-only)
+
 COLUMNS = ("job", "overrides", "status", "final_test_acc", "best_test_acc", "train_seconds", "error")
 
 
+def _exit_on_write_fault(method):
+    """A full or read-only disk under the sweep directory ends the multirun like train.py's write
+    faults: one `error: ...` line naming the file, exit 4 (Hydra would only warn about a callback's
+    exception, in several lines, and go on). Every file is replaced atomically, so what was
+    written before is intact."""
+
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except WriteFault as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_WRITE_FAULT)
+
+    wrapper.__name__, wrapper.__doc__ = method.__name__, method.__doc__
+    return wrapper
+
+
 class SweepSummary(Callback):
+    @_exit_on_write_fault
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         if str(config.hydra.mode) != "RunMode.MULTIRUN":
             return  # a single run has results.json; the table is for sweeps
@@ -33,11 +55,12 @@ class SweepSummary(Callback):
             "error": f"{job_return._return_value}" if failed else "",
         }
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "status.json").write_text(json.dumps(status) + "\n")
+        write_text_atomic(run_dir / "status.json", json.dumps(status) + "\n", "the job status")
         # Refreshed after every job: Hydra's basic sweeper re-raises a failed job's error once
         # all jobs ran, and then on_multirun_end is never called.
         write_summary(Path(config.hydra.sweep.dir), summarize(Path(config.hydra.sweep.dir)))
 
+    @_exit_on_write_fault
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = summarize(sweep_dir)
@@ -75,9 +98,7 @@ def write_summary(sweep_dir: Path, rows: list[dict]) -> None:
     writer.writeheader()
     writer.writerows(rows)
     for name, text in (("summary.csv", buf.getvalue()), ("summary.md", markdown_table(rows) + "\n")):
-        tmp = sweep_dir / f".{name}.{os.getpid()}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, sweep_dir / name)
+        write_text_atomic(sweep_dir / name, text, "the sweep summary")
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -337,11 +337,18 @@ def test_image_folder_cache_written_once_reused_and_invalidated(tmp_path, monkey
     assert ds2.mean == ds1.mean and ds2.std == ds1.std
     assert caches[0].stat().st_mtime_ns == stamp
 
-    # a changed file changes the key: decoded again, into a second cache file
+    # a changed file changes the key: decoded again, into a new cache file that replaces the
+    # superseded one of the same source (issue 13: they used to pile up, one per re-extraction)
     monkeypatch.setattr(Image, "open", real_open)
     f = tree / "train" / "cat" / "000.png"
     os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
     load_dataset("image_folder", root=str(root), path=str(tree))
+    now = list((root / "cache").glob("image_folder-*.pt"))
+    assert len(now) == 1 and now != caches
+    # another source keeps its own cache beside it
+    other = tmp_path / "other"
+    _make_tree(other)
+    load_dataset("image_folder", root=str(root), path=str(other))
     assert len(list((root / "cache").glob("image_folder-*.pt"))) == 2
 
 
