@@ -147,7 +147,11 @@ def test_wandb_mode_is_offline_without_an_api_key(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_wandb_offline_run_has_config_and_every_record_and_a_resume_continues_it(tmp_path):
     pytest.importorskip("wandb", reason="wandb is not installed (pip install -e '.[wandb]')")
-    run_train(*SMOKE, "logger=wandb", "trainer.log_every=1", f"hydra.run.dir={tmp_path}")
+    from tests.test_train import _run_until_sigterm
+
+    common = ["experiment=smoke", "trainer.epochs=2", "logger=wandb", "trainer.log_every=1"]
+    stopped = _run_until_sigterm(tmp_path, common, after_lines=11)  # 8 steps + 1 evaluation + 2
+    assert stopped.returncode == 143, stopped.stdout  # the tracker leaves train.py's SIGTERM handling alone
     [run] = wandb_runs(tmp_path)
     run_id = run["run"].run_id
     assert run["run"].project == "imgcls" and run["run"].display_name == tmp_path.name
@@ -155,15 +159,15 @@ def test_wandb_offline_run_has_config_and_every_record_and_a_resume_continues_it
     assert run["config"]["schedule"]["steps_per_epoch"] == 8  # resolved, as train.py filled it
     assert_same_scalars(run["history"], jsonl(tmp_path))
     assert ckpt_runs(tmp_path) == {"wandb": run_id}
+    stopped_at = jsonl(tmp_path)[-1]["step"]
 
-    # resume (one more epoch: a change a resume accepts)
-    run_train("experiment=smoke", "trainer.epochs=2", "logger=wandb", "trainer.log_every=1", f"hydra.run.dir={tmp_path}")
+    run_train(*common, f"hydra.run.dir={tmp_path}")  # the same command resumes
     first, second = wandb_runs(tmp_path)  # each process writes an offline-run dir...
     assert first["run"].run_id == second["run"].run_id == run_id  # ...of the same run: `wandb sync` makes one
     assert ckpt_runs(tmp_path) == {"wandb": run_id}
-    assert second["config"]["trainer"]["epochs"] == 2
     assert_same_scalars(first["history"] + second["history"], jsonl(tmp_path))
-    assert second["history"][0]["step"] == 9  # the resumed process logs from the checkpoint on
+    assert second["history"][0]["step"] == stopped_at + 1  # the resumed process logs from the checkpoint on
+    assert jsonl(tmp_path)[-1]["step"] == 16  # finished
 
 
 def mlflow_client(store: Path):
