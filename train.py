@@ -61,6 +61,7 @@ def recipe(cfg: DictConfig, run_dir: Path) -> float | None:
     if stop:
         sys.exit(EXIT_SIGNAL[stop])
     write_results(run_dir, state, device, dist)              # 9. save
+    log_results(cfg, run_dir, state, dist)                   #    logger=mlflow: results.json, checkpoint
     distributed.shutdown(dist)
     return state.best_acc
 
@@ -236,6 +237,7 @@ class State:
         self.train_seconds = 0.0
         self.images = 0          # training images processed (for images per second)
         self.skipped_steps = 0   # steps whose loss was NaN/inf, dropped (trainer.skip_nonfinite)
+        self.logger_runs = {}    # tracker run ids ({"wandb": id, "mlflow": id}): a resume continues them
 
     def to_dict(self) -> dict:
         return dict(vars(self))
@@ -418,12 +420,25 @@ class MetricsLog:
                 raise
 
 
-def build_logger(cfg: DictConfig, run_dir: Path, optimizer):
-    """The logger of cfg.logger (None for logger=none); imported only when chosen."""
+def build_logger(cfg: DictConfig, run_dir: Path, optimizer, runs: dict | None = None):
+    """The logger of cfg.logger (None for logger=none); imported only when chosen. A tracker
+    (wandb, mlflow) gets the resolved config and `runs` (State.logger_runs, kept in the
+    checkpoint): it continues the run named there and records the id of its own run there."""
     if cfg.logger.get("_target_") is None:
         return None
+    from imgcls.loggers import open_logger
+
     with config_errors("logger"):
-        return hydra.utils.instantiate(cfg.logger)(run_dir=run_dir, num_groups=len(optimizer.param_groups))
+        return open_logger(hydra.utils.instantiate(cfg.logger), run_dir, len(optimizer.param_groups),
+                           config=OmegaConf.to_container(cfg, resolve=True), runs=runs)
+
+
+def log_results(cfg: DictConfig, run_dir: Path, state, dist) -> None:
+    """After results.json: a tracker that keeps files (MLflow) gets it and the checkpoint."""
+    if dist.is_main and cfg.logger.get("_target_") is not None:
+        from imgcls.loggers import log_results as tracker_log_results
+
+        tracker_log_results(cfg.logger, state.logger_runs, run_dir)
 
 
 def _fmt(v):
@@ -449,7 +464,7 @@ def train(cfg, run_dir, data: Data, model, optimizer, scheduler, state: State, d
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     net = torch.compile(net) if t.compile else net
     progress = _progress_enabled(t.progress) and dist.is_main
-    log = (MetricsLog(run_dir / "metrics.jsonl", progress, build_logger(cfg, run_dir, optimizer))
+    log = (MetricsLog(run_dir / "metrics.jsonl", progress, build_logger(cfg, run_dir, optimizer, state.logger_runs))
            if dist.is_main else MetricsLog(None, progress))
     interval_start = (time.perf_counter(), state.images)  # for images/s per log interval
     bar = _bar(progress, total=t.epochs * steps_per_epoch, initial=state.step)

@@ -7,6 +7,7 @@ torch.channels_last)` and run it under `torch.autocast(..., dtype=torch.bfloat16
 you like.
 
 `count_flops` is here too, so the FLOP figures in the docstrings can be re-derived.
+`timm_model` builds any architecture of the optional `timm` package by name (`model=timm`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import torchvision
 from torch import nn
 
-__all__ = ["resnet9", "resnet18", "count_flops"]
+__all__ = ["resnet9", "resnet18", "timm_model", "count_flops"]
 
 
 def _conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
@@ -114,6 +115,81 @@ def resnet18(num_classes: int = 10) -> nn.Module:
     model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
     return model
+
+
+def timm_model(num_classes: int = 10, name: str = "resnet18", pretrained: bool = False,
+               cifar_stem: bool = False, **kwargs) -> nn.Module:
+    """``timm.create_model(name, num_classes=num_classes, pretrained=pretrained, **kwargs)``.
+
+    Any of timm's architectures by name (``timm.list_models()``), keyword arguments passed
+    through (e.g. ``img_size=32, patch_size=4`` for a ViT, ``drop_path_rate=0.1``). Needs the
+    optional ``timm`` package (``pip install -e '.[timm]'``); it is imported only here.
+
+    ``cifar_stem=True`` gives a timm ResNet (one ``conv1`` + ``maxpool`` stem: resnet18/34/50,
+    resnext, seresnet, wide_resnet...) the 32x32 stem of `resnet18` above: a 3x3 stride-1
+    ``conv1`` and no max-pool, so the last stage sees 4x4 instead of 1x1.
+
+    ``pretrained=True`` loads weights from timm's Hugging Face Hub cache (or downloads them);
+    when the Hub cannot be reached the cache alone is used, and weights that are not there
+    fail at once with one line naming the model (instead of a minute of retries).
+    """
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"num_classes={num_classes!r} is invalid; expected an int >= 1")
+    try:
+        import timm
+    except ImportError:
+        raise ValueError("model=timm needs the timm package: pip install timm "
+                         "(or the project's `timm` extra: pip install -e '.[timm]')") from None
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name={name!r} is invalid; expected a timm architecture name such as 'resnet18'")
+    if ":" not in name and not timm.is_model(name):  # "hf-hub:org/repo" names are resolved by timm
+        import difflib
+
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; timm.list_models() lists them"
+        raise ValueError(f"name={name!r} is not a timm architecture{hint}")
+    if pretrained and not _hub_reachable():
+        import huggingface_hub.constants
+
+        huggingface_hub.constants.HF_HUB_OFFLINE = True  # read at call time: use the cache only
+    try:
+        model = timm.create_model(name, pretrained=bool(pretrained), num_classes=num_classes, **kwargs)
+    except (OSError, RuntimeError) as e:
+        if not pretrained:
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(
+            f"pretrained=true: the weights of {name!r} could not be loaded ({type(e).__name__}: {first}); "
+            "they come from the Hugging Face Hub, which needs network, or its local cache (HF_HOME): "
+            "set model.pretrained=false to train from scratch, or download them once where there is network"
+        ) from None  # from None: config_errors reports the cause of a chained error, not this line
+    if cifar_stem:
+        conv1 = getattr(model, "conv1", None)
+        if not isinstance(conv1, nn.Conv2d) or not hasattr(model, "maxpool"):
+            raise ValueError(
+                f"cifar_stem=true: {name!r} has no single conv1 + maxpool stem (it works for timm ResNets "
+                "such as resnet18, resnet50, resnext50_32x4d); use the family's own arguments instead (README)"
+            )
+        model.conv1 = nn.Conv2d(conv1.in_channels, conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    return model
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers a TCP connect within `timeout` seconds (not when
+    HF_HUB_OFFLINE is set). One probe instead of huggingface_hub's retries (~45 s offline)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def count_flops(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 32, 32)) -> int:

@@ -43,3 +43,26 @@ def extract_cifar_subset(dest: Path, per_split: dict[str, int]) -> Path:
                 counts[key] = counts.get(key, 0) + 1
                 tf.extract(m, dest, filter="data")
     return dest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def trackers_stay_local(tmp_path_factory):
+    """W&B and MLflow never reach the network or the home directory from a test: W&B runs
+    offline with its config, cache and data directories under a temporary folder, MLflow's
+    default store is a temporary one. Set in os.environ, so train.py subprocesses inherit it."""
+    home = tmp_path_factory.mktemp("trackers")
+    env = {
+        "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(home / "wandb"),
+        "WANDB_CONFIG_DIR": str(home / "wandb-config"), "WANDB_CACHE_DIR": str(home / "wandb-cache"),
+        "WANDB_DATA_DIR": str(home / "wandb-data"), "WANDB_ARTIFACT_DIR": str(home / "wandb-artifacts"),
+        "MLFLOW_TRACKING_URI": str(home / "mlruns"),
+    }
+    old = {k: os.environ.get(k) for k in [*env, "WANDB_API_KEY"]}
+    os.environ.update(env)
+    os.environ.pop("WANDB_API_KEY", None)  # no key: nothing could go online
+    yield home
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -1,0 +1,146 @@
+"""model=timm: any timm architecture by name, trained, checkpointed, resumed and compiled by
+train.py like the built-in models (CPU, timm's tiny `test_*` architectures)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+import torch
+
+timm = pytest.importorskip("timm", reason="timm is not installed (pip install -e '.[timm]')")
+
+from imgcls.models import _hub_reachable, count_flops, resnet18, timm_model  # noqa: E402
+from tests.conftest import ROOT, run_train, train_cmd  # noqa: E402
+from tests.test_train import _run_until_sigterm, assert_same_weights, metrics, weights  # noqa: E402
+
+# experiment=smoke sets model.width (a resnet9 key): drop it for a timm model.
+TIMM_SMOKE = ["experiment=smoke", "model=timm", "model.name=test_resnet", "~model.width"]
+
+
+def test_builds_any_architecture_by_name_with_kwargs_passed_through():
+    model = timm_model(num_classes=7, name="test_vit", img_size=32, patch_size=4)
+    assert model.patch_embed.patch_size == (4, 4) and model.patch_embed.grid_size == (8, 8)
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 7)
+    out.logsumexp(1).mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_cifar_stem_gives_the_built_in_resnet18():
+    model = timm_model(num_classes=10, name="resnet18", cifar_stem=True)
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
+    assert isinstance(model.maxpool, torch.nn.Identity)
+    ours = resnet18(num_classes=10)
+    assert count_flops(model) == count_flops(ours) == 1_110_845_440
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in ours.parameters())
+
+
+def test_shipped_presets_build_for_32x32():
+    vit = timm_model(num_classes=10, name="vit_tiny_patch16_224", img_size=32, patch_size=4)
+    assert vit.patch_embed.grid_size == (8, 8)  # 64 tokens, not the 2x2 that 16x16 patches give
+    assert vit(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(name="resnet18x"), "name='resnet18x' is not a timm architecture; did you mean resnet18"),
+    (dict(name="test_vit", cifar_stem=True), "cifar_stem=true: 'test_vit' has no single conv1"),
+    (dict(name=""), "name='' is invalid"),
+    (dict(name="test_resnet", num_classes=0), "num_classes=0 is invalid"),
+])
+def test_bad_arguments_are_one_line_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match) as e:
+        timm_model(**{"num_classes": 10, **kwargs})
+    assert "\n" not in str(e.value)
+
+
+def test_pretrained_without_network_is_one_quick_line(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what a machine without network amounts to
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # restored afterwards
+    monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")  # an empty cache
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="pretrained=true: the weights of 'resnet18' could not be loaded") as e:
+        timm_model(num_classes=10, name="resnet18", pretrained=True)
+    assert time.perf_counter() - start < 10  # huggingface_hub alone retries for ~45 s
+    assert "\n" not in str(e.value) and "model.pretrained=false" in str(e.value)
+
+
+def test_hub_probe_says_unreachable_for_a_closed_port(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")  # the discard port: nothing listens here
+    assert _hub_reachable(timeout=1.0) is False
+
+
+def test_pretrained_weights_load_where_they_are_on_disk(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    torch.manual_seed(0)
+    source = timm_model(num_classes=10, name="test_resnet")
+    torch.save(source.state_dict(), tmp_path / "weights.pth")
+    torch.manual_seed(1)  # a different init, so equality below means the file was loaded
+    loaded = timm_model(num_classes=10, name="test_resnet", pretrained=True,
+                        pretrained_cfg_overlay={"file": str(tmp_path / "weights.pth")})
+    got, want = loaded.state_dict(), source.state_dict()
+    body = [k for k in want if not k.startswith("fc.")]
+    assert_same_weights({k: got[k] for k in body}, {k: want[k] for k in body})
+    # timm's weights are for its pretrained class count (1000): the classifier is made anew for 10
+    assert not torch.equal(got["fc.weight"], want["fc.weight"])
+
+
+def test_pretrained_offline_through_train_py_exits_2_with_one_line(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run(train_cmd(*TIMM_SMOKE, "model.name=resnet18", "model.pretrained=true",
+                                    f"hydra.run.dir={tmp_path / 'run'}"),
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: model: pretrained=true: the weights of 'resnet18'")
+
+
+def test_unknown_name_through_train_py_exits_2_naming_it(tmp_path):
+    proc = run_train(*TIMM_SMOKE, "model.name=restnet18", f"hydra.run.dir={tmp_path}", check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: model: name='restnet18' is not a timm architecture")
+    assert "did you mean" in lines[0] and "resnet18" in lines[0]
+
+
+@pytest.mark.slow
+def test_train_checkpoint_and_sigterm_resume_are_bit_identical(tmp_path):
+    common = [*TIMM_SMOKE, "trainer.epochs=2", "trainer.log_every=1"]
+    full = tmp_path / "full"
+    run_train(*common, f"hydra.run.dir={full}")
+    results = json.loads((full / "results.json").read_text())
+    assert results["final_test_acc"] > 0.2, "synthetic classes are easy: above chance (0.1)"
+    ckpt = torch.load(full / "checkpoints" / "last.pt", weights_only=True)
+    plain = timm.create_model("test_resnet", num_classes=10)
+    assert ckpt["model"].keys() == plain.state_dict().keys()  # loads into a plain timm model
+    plain.load_state_dict(ckpt["model"])
+
+    part = tmp_path / "part"
+    stopped = _run_until_sigterm(part, common, after_lines=11)  # 8 steps + 1 evaluation + 2: mid epoch 2
+    assert stopped.returncode == 143, stopped.stdout
+    resumed = run_train(*common, f"hydra.run.dir={part}")
+    assert "resumed from" in resumed.stdout
+    assert metrics(part) == metrics(full)
+    assert_same_weights(weights(part), weights(full))
+
+
+@pytest.mark.slow
+def test_compiled_timm_model_trains_and_saves_plain_weights(tmp_path):
+    run = tmp_path / "run"
+    # compiling dominates (train and eval graphs): 2 steps and 1 evaluation batch are enough
+    run_train(*TIMM_SMOKE, "trainer.epochs=1", "trainer.compile=true", "trainer.limit_train_batches=2",
+              "trainer.limit_eval_batches=1", f"hydra.run.dir={run}", timeout=600)
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    plain = timm.create_model("test_resnet", num_classes=10)
+    assert ckpt["model"].keys() == plain.state_dict().keys()  # never the compiled wrapper's _orig_mod.*
+    assert json.loads((run / "results.json").read_text())["final_test_acc"] is not None
