@@ -54,8 +54,35 @@ def test_smoke_run_writes_metrics_results_and_checkpoint(tmp_path):
     again = run_train(*SMOKE, f"hydra.run.dir={run}")
     assert "already finished" in again.stdout
 
+    # results.json's test numbers are those of the saved weights on the in-order, un-augmented
+    # test split (a test loader built with training augmentation would change them)
+    again = evaluate_checkpoint(run / "checkpoints" / "last.pt")
+    assert again["test_loss"] == pytest.approx(results["final_test_loss"], rel=1e-6)
+    assert again["test_acc"] == results["final_test_acc"]
+
+
+def evaluate_checkpoint(path):
+    """Test loss and accuracy of a checkpoint's weights on its config's test split, in order."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    import train
+    from imgcls.data import DeviceLoader, load_dataset
+
+    ckpt = torch.load(path, weights_only=True)
+    cfg = OmegaConf.create(ckpt["config"])
+    ds = load_dataset(name=cfg.data.name, root=cfg.data.root, synthetic_size=tuple(cfg.data.synthetic_size),
+                      num_classes=cfg.data.num_classes, seed=cfg.trainer.seed)
+    model = instantiate(cfg.model)(num_classes=cfg.data.num_classes)
+    model.load_state_dict(ckpt["model"])
+    loader = DeviceLoader(ds.test_images, ds.test_labels, cfg.trainer.eval_batch_size, device="cpu",
+                          mean=ds.mean, std=ds.std, train=False, drop_last=False)
+    return train.evaluate(model, loader, cfg.trainer, torch.device("cpu"), False, None)
+
 
 def _run_until_sigterm(run_dir, overrides, after_lines: int) -> subprocess.CompletedProcess:
+    """Run train.py, and once metrics.jsonl has ``after_lines`` lines: pause it (SIGSTOP), note
+    the last step it logged (in ``.signalled_at``), send SIGTERM and let it go on (SIGCONT)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         train_cmd(*overrides, f"hydra.run.dir={run_dir}"), cwd=ROOT, env=env,
@@ -63,13 +90,19 @@ def _run_until_sigterm(run_dir, overrides, after_lines: int) -> subprocess.Compl
     )
     log = run_dir / "metrics.jsonl"
     deadline = time.time() + 120
+    signalled_at = None
     while time.time() < deadline and proc.poll() is None:
         if log.exists() and len(log.read_text().splitlines()) >= after_lines:
+            proc.send_signal(signal.SIGSTOP)
+            signalled_at = max(json.loads(line)["step"] for line in log.read_text().splitlines())
             proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGCONT)
             break
         time.sleep(0.005)
     out, _ = proc.communicate(timeout=120)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+    done.signalled_at = signalled_at
+    return done
 
 
 @pytest.mark.slow
@@ -83,7 +116,10 @@ def test_sigterm_mid_run_then_resume_is_bit_identical(tmp_path):
     assert stopped.returncode == 143, stopped.stdout  # 128 + SIGTERM, documented in the README
     assert "SIGTERM: checkpoint saved at step" in stopped.stdout
     state = torch.load(part / "checkpoints" / "last.pt", weights_only=True)["state"]
-    assert 0 < state["step"] < 32 and not state["finished"]
+    # saved at the step boundary after the signal: at most the one step in flight past the
+    # last step logged before it (log_every=1), not an older epoch-end checkpoint
+    assert stopped.signalled_at <= state["step"] <= stopped.signalled_at + 1, (stopped.signalled_at, state)
+    assert not state["finished"]
 
     resumed = run_train(*common, f"hydra.run.dir={part}")
     assert f"resumed from {part / 'checkpoints' / 'last.pt'} at step {state['step']}" in resumed.stdout
@@ -94,7 +130,9 @@ def test_sigterm_mid_run_then_resume_is_bit_identical(tmp_path):
 
 @pytest.mark.slow
 def test_resume_from_an_epoch_boundary_is_bit_identical(tmp_path):
-    common = [*SMOKE, "trainer.epochs=4", "trainer.log_every=1", "trainer.keep_checkpoints=4"]
+    # log_every=3: the checkpoint at step 16 (not a multiple of 3) holds the training loss
+    # summed over steps 16 (and 15..): the resumed step-18 line must average in the saved part
+    common = [*SMOKE, "trainer.epochs=4", "trainer.log_every=3", "trainer.keep_checkpoints=4"]
     full = tmp_path / "full"
     run_train(*common, f"hydra.run.dir={full}")
     epoch2 = full / "checkpoints" / "last.2.pt"  # last.pt is epoch 4, last.1 epoch 3, last.2 epoch 2
@@ -103,7 +141,32 @@ def test_resume_from_an_epoch_boundary_is_bit_identical(tmp_path):
     other = tmp_path / "other"
     run_train(*common, f"hydra.run.dir={other}", f"resume={epoch2}")
     assert metrics(other) == [m for m in metrics(full) if m["step"] > 16]
+    assert [m["step"] for m in metrics(other) if "train_loss" in m][0] == 18
     assert_same_weights(weights(other), weights(full))
+
+
+@pytest.mark.slow
+def test_plateau_schedule_gets_the_test_loss_and_halves_the_lr(tmp_path):
+    """scheduler=warmup_plateau through train.py (2 warmup epochs, then ReduceLROnPlateau,
+    factor 0.5, patience 2): at an lr too small to train, the test loss does not improve (only
+    BatchNorm's running statistics move it), and the lr halves as torch's ReduceLROnPlateau,
+    fed the same test losses, says: a run that did not feed it the loss would fail or never halve."""
+    run = tmp_path / "run"
+    lr = 1e-6  # (ReduceLROnPlateau ignores a change below its eps, 1e-8)
+    run_train(*SMOKE, "scheduler=warmup_plateau", "trainer.epochs=10", "data.synthetic_size=[256,128]",
+              "trainer.log_every=4", f"optimizer.lr={lr}", f"hydra.run.dir={run}")  # 4 steps per epoch
+    lines = metrics(run)
+    losses = [m["test_loss"] for m in lines if "test_loss" in m]
+    epoch_lrs = [m["lr"][0] for m in lines if "train_loss" in m]  # logged at each epoch's last step
+    assert len(losses) == len(epoch_lrs) == 10
+    reference = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(reference, mode="min", factor=0.5, patience=2)
+    expected = []
+    for epoch in range(2, 10):  # the phase starts at epoch 2 and is stepped with each epoch's loss
+        expected.append(reference.param_groups[0]["lr"])
+        plateau.step(losses[epoch])
+    assert epoch_lrs[2:] == pytest.approx(expected, rel=1e-9), (losses, epoch_lrs)
+    assert min(expected) <= lr / 2, f"the loss improved, the test proves nothing: {losses}"
 
 
 def test_changed_structure_is_refused_on_resume(tmp_path):
