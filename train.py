@@ -24,14 +24,21 @@ import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from imgcls import distributed
-from imgcls.config import config_errors, register_resolvers, validate_config
+from imgcls.config import check_writable, config_errors, pick_device, preflight, setup, validate_config
 
-register_resolvers()
+setup()  # the resolvers and the config schema, before Hydra composes conf/
 
 EXIT_SIGNAL = {"SIGTERM": 143, "SIGINT": 130}  # 128 + signal number, as a shell reports it
 EXIT_BAD_INPUT = 2       # a config value, a data file or a checkpoint was refused at start-up
 EXIT_NONFINITE = 3       # the training loss became NaN or inf (the last good checkpoint is kept)
 EXIT_WRITE_FAULT = 4     # a checkpoint could not be written (the previous one is intact)
+
+
+def cli() -> None:
+    """The command line: a config that cannot be composed is refused here in one line (exit 2)
+    before Hydra starts; then Hydra runs main (once, or once per job of a multirun)."""
+    preflight(sys.argv[1:])
+    main()
 
 
 @hydra.main(config_path=str(Path(__file__).resolve().parent / "conf"), config_name="config", version_base="1.3")
@@ -43,7 +50,9 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def recipe(cfg: DictConfig, run_dir: Path) -> float | None:
-    device = validate_config(cfg, run_dir)                   # 1. config (fails before any work)
+    validate_config(cfg)                                     # 1. config (fails before any work)
+    check_writable(run_dir)                                  #    the run directory
+    device = pick_device(cfg)                                #    the device
     dist, device, run_dir = join_ranks(device, run_dir)      #    torchrun: one process per device
     seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, device)  # 2. seed
     data = load_data(cfg, device, dist)                      # 3. data (fills schedule.steps_per_epoch)
@@ -145,9 +154,9 @@ def load_data(cfg: DictConfig, device, dist) -> Data:
     d, t = cfg.data, cfg.trainer
     ds = load_dataset(
         name=d.name,
-        root=d.root,
-        download=d.download,
-        path=d.path,
+        root=d.get("root", "data"),
+        download=d.get("download", False),
+        path=d.get("path"),
         synthetic_size=tuple(d.get("synthetic_size", (512, 256))),
         num_classes=d.num_classes or 10,
         seed=t.seed,
@@ -604,4 +613,4 @@ def write_results(run_dir: Path, state: State, device, dist) -> None:
 _PROCESS_START = time.time()
 
 if __name__ == "__main__":
-    main()
+    cli()

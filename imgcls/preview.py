@@ -35,15 +35,13 @@ import copy
 import importlib.util
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from imgcls.config import config_errors, register_resolvers
+from imgcls.config import _one_line, config_errors
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000}  # official training-set sizes
 TABLE_ROWS = 10          # evenly spaced table rows (plus the first, the milestones and the end)
 PLATEAU_AT = 0.3         # the synthetic test loss stops improving at this fraction of the run
@@ -59,75 +57,25 @@ class PreviewError(ValueError):
 # config
 # --------------------------------------------------------------------------------------
 def compose_config(overrides: list[str]) -> tuple[DictConfig, dict]:
-    """The config train.py would get for ``overrides``, and the chosen option of each group."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+    """The config train.py would get for ``overrides`` (imgcls.config's composition)."""
+    from imgcls.config import ConfigError
+    from imgcls.config import compose_config as compose
 
-    register_resolvers()
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="preview"):
-            cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
-    except MissingConfigException as e:
-        raise PreviewError(_missing_option_message(e)) from e
-    except OverrideParseException as e:
-        raise PreviewError(f"{_bad_override(overrides)}: {_one_line(e)}") from e
-    except HydraException as e:
-        raise PreviewError(_named(_one_line(e), overrides)) from e
-    choices = {k: v for k, v in cfg.hydra.runtime.choices.items() if not k.startswith("hydra/")}
-    with open_dict(cfg):
-        del cfg["hydra"]  # train.py's cfg has no hydra node either
-    return cfg, choices
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).split("Config search path:")[0]
-    return " ".join(line.strip() for line in text.splitlines() if line.strip())
-
-
-def _named(message: str, overrides: list[str]) -> str:
-    """``message`` prefixed with the override it quotes (Hydra names the key, not the value)."""
-    for o in overrides:
-        if f"'{o}'" in message:
-            return message
-        key = o.split("=", 1)[0].lstrip("+~")
-        if key and f"'{key}'" in message:
-            return f"override {o!r}: {message}"
-    return message
-
-
-def _missing_option_message(e) -> str:
-    missing = e.missing_cfg_file or ""
-    group, _, option = missing.rpartition("/")
-    if group and e.options:
-        return (f"{group}: {option!r} is not an option of conf/{group}/; "
-                f"accepted: {', '.join(sorted(e.options))}")
-    return _one_line(e)
-
-
-def _bad_override(overrides: list[str]) -> str:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parser = OverridesParser.create()
-    for o in overrides:
-        try:
-            parser.parse_override(o)
-        except Exception:
-            return f"override {o!r}"
-    return "overrides"
+        return compose(overrides)
+    except ConfigError as e:
+        raise PreviewError(str(e)) from e
 
 
 def check_config(cfg: DictConfig) -> None:
-    """train.py's start-up validation, less what a preview does not use: the device (a
-    cuda preset previews on a CPU), the resume setting and the run directory."""
+    """train.py's start-up validation (the device and the run directory are not checked:
+    a cuda preset previews on a CPU)."""
     from imgcls.config import validate_config
 
     probe = copy.deepcopy(cfg)
     with open_dict(probe):
-        if probe.trainer.get("device") == "cuda":
-            probe.trainer.device = "cpu"
         probe.resume = "never"
-    with tempfile.TemporaryDirectory(prefix="preview-") as tmp:
-        validate_config(probe, Path(tmp))
+    validate_config(probe)
 
 
 def steps_per_epoch(cfg: DictConfig, given: int | None = None) -> tuple[int, str]:

@@ -195,15 +195,10 @@ def import_torch_seconds() -> float:
 
 
 def compose(overrides: list[str]):
-    """conf/config.yaml composed with `overrides` (Hydra's compose API, no run directory)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    """conf/config.yaml composed with `overrides` (the project's one composition function)."""
+    from imgcls.config import compose_config
 
-    from imgcls.config import register_resolvers
-
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
+    return compose_config(overrides)[0]
 
 
 # --------------------------------------------------------------------------------------

@@ -184,7 +184,7 @@ def test_bad_override_exits_2_with_one_error_line():
 @pytest.mark.parametrize("args,message", [
     (["trainer.epochs=0"], "error: trainer.epochs: 0 is not accepted"),
     (["optimizer.lr=-1"], "error: optimizer.lr: -1 is not accepted"),
-    (["nosuch.key=1"], "error: override 'nosuch.key=1': Could not override 'nosuch.key'"),
+    (["nosuch.key=1"], "error: nosuch.key: 1 is not accepted: the top level has no key 'nosuch'; accepted: data,"),
     (["trainer.epochs=1=2"], "error: override 'trainer.epochs=1=2': "),
     (["experiment=nope"], "error: experiment: 'nope' is not an option"),
     (["scheduler.milestones=[5,3]"], "error: scheduler: milestones must have exactly one fewer"),
