@@ -212,9 +212,14 @@ def build_optimizer(cfg: DictConfig, model, device):
 
 
 def build_scheduler(cfg: DictConfig, optimizer):
-    """The schedule tree of cfg.scheduler, built on the optimizer (the one place it gets it)."""
+    """The schedule tree of cfg.scheduler, built on the optimizer (the one place it gets it),
+    refused if it does not fit the run (a milestone past the end, a warmup that never ends)."""
+    from imgcls.config import check_schedule_fits
+
     with config_errors("scheduler"):
-        return hydra.utils.instantiate(cfg.scheduler, _convert_="all")(optimizer)
+        scheduler = hydra.utils.instantiate(cfg.scheduler, _convert_="all")(optimizer)
+    check_schedule_fits(scheduler, cfg)
+    return scheduler
 
 
 def write_config(cfg: DictConfig, run_dir: Path, dist) -> None:
@@ -286,6 +291,10 @@ def resume(cfg: DictConfig, run_dir: Path, model, optimizer, scheduler, dist) ->
     if dist.is_main:
         trim_metrics(run_dir / "metrics.jsonl", state.step)
     print(f"resumed from {path} at step {state.step} (epoch {state.epoch}, batch {state.batch})", flush=True)
+    if state.epoch < cfg.trainer.epochs and all(float(lr) == 0.0 for lr in scheduler.get_last_lr()):
+        print(f"warning: resume: the saved schedule has already brought the lr to 0 (step {state.step}); "
+              f"the epochs from {state.epoch} to {cfg.trainer.epochs} would train at lr 0 (a checkpoint's "
+              f"schedule keeps its lengths): start a new run directory to train longer", flush=True)
     return state
 
 

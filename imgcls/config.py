@@ -67,6 +67,75 @@ def register_resolvers() -> None:
 
 
 # --------------------------------------------------------------------------------------
+# Does the schedule fit the run? (after its lengths are resolved; train.py and the preview)
+# --------------------------------------------------------------------------------------
+_LENGTHS = {"LinearLR": "total_iters", "PolynomialLR": "total_iters", "CosineAnnealingLR": "T_max"}
+
+
+def schedule_misfits(scheduler, cfg: DictConfig) -> list[str]:
+    """What of the built ``scheduler`` the run never reaches: a milestone at or past the end of
+    the run (or of its enclosing phase), so the phase after it never runs, or a phase with a
+    target (LinearLR/PolynomialLR ``total_iters``, CosineAnnealingLR ``T_max``) that cannot
+    complete before the end. Each in the schedule's units, steps and epochs."""
+    spe = int(cfg.schedule.steps_per_epoch)
+    per_step = cfg.schedule.interval == "step"
+    total = schedule_total_units(cfg)
+
+    def at(units: int) -> str:
+        steps = units if per_step else units * spe
+        return f"step {steps} (epoch {steps / spe:g})"
+
+    found = []
+
+    def walk(s, offset: int, end: int, path: str) -> None:
+        where = "the run" if end == total else "its phase"
+        milestones, children = getattr(s, "_milestones", None), getattr(s, "_schedulers", None)
+        if milestones is not None and children is not None:  # a SequentialLR
+            for i, m in enumerate(milestones):
+                if offset + m >= end:
+                    found.append(f"{path}milestones[{i}] = {m} starts {path}schedulers[{i + 1}] at {at(offset + m)}, not "
+                                 f"before the end of {where} at {at(end)}: that phase never runs")
+                    break
+            starts = [0, *milestones]
+            for i, child in enumerate(children):
+                start = offset + starts[i]
+                if start >= end:
+                    break
+                stop = min(end, offset + milestones[i]) if i < len(milestones) else end
+                walk(child, start, stop, f"{path}schedulers[{i}].")
+            return
+        name = type(s).__name__
+        if name == "MultiStepLR":
+            for m in sorted(s.milestones):
+                if offset + m >= end:
+                    found.append(f"{path}milestones: {m} is at {at(offset + m)}, not before the end of "
+                                 f"{where} at {at(end)}: that decay never happens")
+        key = _LENGTHS.get(name)
+        if key is not None and offset + int(getattr(s, key)) > end:
+            n = int(getattr(s, key))
+            found.append(f"{path}{key} = {n}: the {name} phase from {at(offset)} needs until "
+                         f"{at(offset + n)}, but {where} ends at {at(end)}: it never completes")
+
+    walk(scheduler, 0, total, "scheduler.")
+    return found
+
+
+def check_schedule_fits(scheduler, cfg: DictConfig) -> None:
+    """Refuse a schedule that does not fit the run (schedule.allow_truncated=true: a warning)."""
+    misfits = schedule_misfits(scheduler, cfg)
+    if not misfits:
+        return
+    spe = cfg.schedule.steps_per_epoch
+    message = (f"{misfits[0]} (the run: {cfg.trainer.epochs} epochs x {spe} steps = "
+               f"{cfg.trainer.epochs * spe} steps); shorten the schedule, raise trainer.epochs, "
+               f"or set schedule.allow_truncated=true to run it cut short")
+    if not cfg.schedule.allow_truncated:
+        raise ValueError(message)
+    print(f"warning: {message.split('; shorten')[0]}; running it cut short (schedule.allow_truncated=true)",
+          file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------
 # Composition: the ONE function that turns overrides into the config train.py would get
 # (used by the preview, the tests and the benchmarks; train.py's own Hydra composes the same
 # files, and `preflight` refuses a bad command line before it).

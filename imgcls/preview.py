@@ -40,7 +40,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from imgcls.config import _one_line, config_errors
+from imgcls.config import CONF_DIR, _one_line, check_schedule_fits, config_errors
 
 TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000}  # official training-set sizes
 TABLE_ROWS = 10          # evenly spaced table rows (plus the first, the milestones and the end)
@@ -182,6 +182,7 @@ def simulate(cfg: DictConfig) -> tuple[list[list[float]], object, int | None]:
         optimizer = _instantiate(cfg.optimizer)([torch.nn.Parameter(torch.zeros(1))])
     with config_errors("scheduler"):
         scheduler = _instantiate(cfg.scheduler)(optimizer)
+    check_schedule_fits(scheduler, cfg)  # as train.py: a milestone past the end is refused
     epochs, spe = cfg.trainer.epochs, cfg.schedule.steps_per_epoch
     per_step = cfg.schedule.interval == "step"
     metrics = needs_metrics(scheduler)

@@ -203,3 +203,34 @@ def test_bad_option_is_one_error_line(args, capsys):
         preview.main(args)
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("overrides,says", [
+    (["scheduler.milestones=[100000]"],
+     "scheduler.milestones[0] = 100000 starts scheduler.schedulers[1] at step 100000 (epoch 12500), not before "
+     "the end of the run at step 16 (epoch 2): that phase never runs (the run: 2 epochs x 8 steps = 16 steps)"),
+    (["scheduler=warmup_exp", "trainer.epochs=1"],  # a 2-epoch warmup in a 1-epoch run
+     "scheduler.milestones[0] = 2 starts scheduler.schedulers[1] at step 16 (epoch 2), not before the end of the "
+     "run at step 8 (epoch 1)"),
+    (["scheduler=multistep", "scheduler.milestones=[1,100]"],
+     "scheduler.milestones: 100 is at step 800 (epoch 100), not before the end of the run at step 16 (epoch 2): "
+     "that decay never happens"),
+    (["scheduler=warmup_linear", "scheduler.schedulers.0.total_iters=40"],
+     "scheduler.schedulers[0].total_iters = 40: the LinearLR phase from step 0 (epoch 0) needs until step 40 "
+     "(epoch 5), but its phase ends at step 3 (epoch 0.375): it never completes"),
+])
+def test_a_schedule_that_does_not_fit_the_run_is_refused(overrides, says):
+    with pytest.raises(preview.PreviewError) as e:
+        preview.preview(["experiment=smoke", *overrides])
+    assert says in str(e.value) and "schedule.allow_truncated=true" in str(e.value)
+
+
+def test_allow_truncated_runs_it_with_a_warning(capsys):
+    s = preview.preview(["experiment=smoke", "scheduler=warmup_exp", "trainer.epochs=1", "schedule.allow_truncated=true"])
+    assert s.total == 8 and s.peak < 0.2  # the warmup never reaches the peak lr
+    assert "warning: scheduler.milestones[0] = 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (preview.CONF_DIR / "scheduler").glob("*.yaml")))
+def test_every_shipped_schedule_fits_the_default_run(option):
+    preview.preview([f"scheduler={option}"])  # 16 epochs of CIFAR-10: no refusal
