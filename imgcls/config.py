@@ -67,6 +67,41 @@ def register_resolvers() -> None:
 
 
 # --------------------------------------------------------------------------------------
+# When the scheduler steps: the ONE place (train.py, the preview and the conf tests call it)
+# --------------------------------------------------------------------------------------
+class SchedulerStepper:
+    """Steps ``scheduler`` after every optimizer step (``schedule.interval: step``) or after
+    every epoch (``epoch``); an epoch-end step gets the latest test loss when a
+    ReduceLROnPlateau phase needs it. ``lrs()`` is what ``metrics.jsonl`` logs as ``lr`` at
+    step N: the lr in effect after N optimizer steps and the scheduler steps due by then (the
+    lr step N+1 uses; at the end of the run, the lr the run ends with), whatever the interval."""
+
+    def __init__(self, scheduler, optimizer, interval: str):
+        from sched import needs_metrics
+
+        if interval not in INTERVALS:
+            raise ValueError(f"schedule.interval: {interval!r} is not one of {list(INTERVALS)}")
+        self.scheduler, self.optimizer = scheduler, optimizer
+        self.per_step = interval == "step"
+        self.wants_metric = needs_metrics(scheduler)
+
+    def after_step(self) -> None:
+        if self.per_step:
+            self.scheduler.step()
+
+    def after_epoch(self, test_loss: float | None) -> None:
+        if self.per_step:
+            return
+        if self.wants_metric and test_loss is not None:
+            self.scheduler.step(test_loss)
+        else:
+            self.scheduler.step()
+
+    def lrs(self) -> list[float]:
+        return [float(g["lr"]) for g in self.optimizer.param_groups]
+
+
+# --------------------------------------------------------------------------------------
 # Does the schedule fit the run? (after its lengths are resolved; train.py and the preview)
 # --------------------------------------------------------------------------------------
 _LENGTHS = {"LinearLR": "total_iters", "PolynomialLR": "total_iters", "CosineAnnealingLR": "T_max"}

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from imgcls.config import CONF_DIR, _one_line, check_schedule_fits, config_errors
+from imgcls.config import SchedulerStepper, _one_line, check_schedule_fits, config_errors
 
 TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000}  # official training-set sizes
 TABLE_ROWS = 10          # evenly spaced table rows (plus the first, the milestones and the end)
@@ -176,35 +176,26 @@ def simulate(cfg: DictConfig) -> tuple[list[list[float]], object, int | None]:
     ReduceLROnPlateau is fed the synthetic loss, the epoch at which that loss plateaus."""
     import torch
 
-    from sched import needs_metrics
-
     with config_errors("optimizer"):
         optimizer = _instantiate(cfg.optimizer)([torch.nn.Parameter(torch.zeros(1))])
     with config_errors("scheduler"):
         scheduler = _instantiate(cfg.scheduler)(optimizer)
     check_schedule_fits(scheduler, cfg)  # as train.py: a milestone past the end is refused
     epochs, spe = cfg.trainer.epochs, cfg.schedule.steps_per_epoch
-    per_step = cfg.schedule.interval == "step"
-    metrics = needs_metrics(scheduler)
-    plateau_epoch = max(1, round(PLATEAU_AT * epochs)) if metrics else None
+    stepper = SchedulerStepper(scheduler, optimizer, cfg.schedule.interval)  # as train.py steps it
+    plateau_epoch = max(1, round(PLATEAU_AT * epochs)) if stepper.wants_metric else None
 
-    def current() -> list[float]:
-        return [float(g["lr"]) for g in optimizer.param_groups]
-
-    lrs = []
+    lrs = [stepper.lrs()]  # the lr step 0 uses
     with config_errors("scheduler"):
         for epoch in range(epochs):
-            for _ in range(spe):
-                lrs.append(current())  # the lr this optimizer step uses
+            for i in range(spe):
                 optimizer.step()       # no gradients: nothing changes, but torch sees the order
-                if per_step:
-                    scheduler.step()
-            if not per_step:
-                if metrics:
-                    scheduler.step(synthetic_test_loss(epoch + 1, plateau_epoch))
-                else:
-                    scheduler.step()
-        lrs.append(current())          # after the last step: the lr the run ends with
+                stepper.after_step()
+                if i + 1 < spe:
+                    lrs.append(stepper.lrs())
+            loss = synthetic_test_loss(epoch + 1, plateau_epoch) if plateau_epoch is not None else None
+            stepper.after_epoch(loss)
+            lrs.append(stepper.lrs())  # after the epoch's last step (and the end of the run)
     return lrs, scheduler, plateau_epoch
 
 

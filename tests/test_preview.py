@@ -7,6 +7,7 @@ Expected learning rates are computed here from the schedules' definitions, not b
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -15,7 +16,8 @@ import sys
 import pytest
 
 from imgcls import preview
-from tests.conftest import ROOT
+from imgcls.config import CONF_DIR
+from tests.conftest import ROOT, run_train
 
 ROW = re.compile(r"^\s*(\d+)\s+(\d+\.\d\d)\s+(\S+)\s*(.*)$")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -231,6 +233,21 @@ def test_allow_truncated_runs_it_with_a_warning(capsys):
     assert "warning: scheduler.milestones[0] = 2" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("option", sorted(p.stem for p in (preview.CONF_DIR / "scheduler").glob("*.yaml")))
+@pytest.mark.parametrize("option", sorted(p.stem for p in (CONF_DIR / "scheduler").glob("*.yaml")))
 def test_every_shipped_schedule_fits_the_default_run(option):
     preview.preview([f"scheduler={option}"])  # 16 epochs of CIFAR-10: no refusal
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [["scheduler=warmup_linear"], ["scheduler=warmup_exp", "trainer.epochs=3"]],
+                         ids=["per-step", "per-epoch"])
+def test_the_preview_equals_the_lrs_a_run_logs(overrides, tmp_path):
+    """metrics.jsonl's lr at step N is the lr after N steps (and the scheduler steps due by
+    then): the preview's lr at step N, for per-step and per-epoch schedules alike."""
+    run = tmp_path / "run"
+    run_train("experiment=smoke", "trainer.log_every=1", *overrides, f"hydra.run.dir={run}")
+    logged = {m["step"]: m["lr"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+              if "lr" in m}
+    s = preview.preview(["experiment=smoke", *overrides])
+    assert sorted(logged) == list(range(1, s.total + 1))
+    assert all(logged[step] == pytest.approx(s.lrs[step], rel=1e-12) for step in logged), (logged, s.lrs)

@@ -71,7 +71,7 @@ def evaluate_checkpoint(path):
 
     ckpt = torch.load(path, weights_only=True)
     cfg = OmegaConf.create(ckpt["config"])
-    ds = load_dataset(name=cfg.data.name, root=cfg.data.root, synthetic_size=tuple(cfg.data.synthetic_size),
+    ds = load_dataset(name=cfg.data.name, root=cfg.data.get("root", "data"), synthetic_size=tuple(cfg.data.synthetic_size),
                       num_classes=cfg.data.num_classes, seed=cfg.trainer.seed)
     model = instantiate(cfg.model)(num_classes=cfg.data.num_classes)
     model.load_state_dict(ckpt["model"])
@@ -157,14 +157,15 @@ def test_plateau_schedule_gets_the_test_loss_and_halves_the_lr(tmp_path):
               "trainer.log_every=4", f"optimizer.lr={lr}", f"hydra.run.dir={run}")  # 4 steps per epoch
     lines = metrics(run)
     losses = [m["test_loss"] for m in lines if "test_loss" in m]
-    epoch_lrs = [m["lr"][0] for m in lines if "train_loss" in m]  # logged at each epoch's last step
+    epoch_lrs = [m["lr"][0] for m in lines if "train_loss" in m]  # after each epoch's scheduler step
     assert len(losses) == len(epoch_lrs) == 10
     reference = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(reference, mode="min", factor=0.5, patience=2)
     expected = []
     for epoch in range(2, 10):  # the phase starts at epoch 2 and is stepped with each epoch's loss
-        expected.append(reference.param_groups[0]["lr"])
         plateau.step(losses[epoch])
+        expected.append(reference.param_groups[0]["lr"])
+    assert epoch_lrs[1] == pytest.approx(lr)  # the warmup is over: the peak
     assert epoch_lrs[2:] == pytest.approx(expected, rel=1e-9), (losses, epoch_lrs)
     assert min(expected) <= lr / 2, f"the loss improved, the test proves nothing: {losses}"
 
