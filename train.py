@@ -170,9 +170,8 @@ def load_data(cfg: DictConfig, device, dist) -> Data:
         raise ValueError(f"trainer.batch_size: {t.batch_size} is not divisible by the {dist.world} ranks")
     channels_last = device.type == "cuda"  # NHWC feeds the tensor cores without transposes
     common = dict(device=device, mean=ds.mean, std=ds.std, channels_last=channels_last, dtype=torch.float32)
-    train_images, train_labels = distributed.shard(ds.train_images, ds.train_labels, dist)
-    train = DeviceLoader(  # trainer.batch_size is the global batch: each rank takes 1/N of it
-        train_images, train_labels, t.batch_size // dist.world, train=True, seed=t.seed,
+    train = DeviceLoader(  # trainer.batch_size is the global batch: rank r takes its images r::N
+        ds.train_images, ds.train_labels, t.batch_size, train=True, seed=t.seed, rank=dist.rank, world=dist.world,
         crop_padding=d.crop_padding, flip=d.flip, alternating_flip=d.alternating_flip, **common,
     )
     test = DeviceLoader(ds.test_images, ds.test_labels, t.eval_batch_size, train=False, drop_last=False, **common)

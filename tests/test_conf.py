@@ -14,8 +14,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
-from imgcls.config import compose_config, validate_config
-from sched import needs_metrics
+from imgcls.config import SchedulerStepper, compose_config, validate_config
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 OPTIONS = sorted(
@@ -65,12 +64,14 @@ def test_scheduler_option_steps_100_times(option):
     params = [torch.nn.Parameter(torch.zeros(3))]
     optimizer = instantiate(cfg.optimizer, _convert_="all")(params)
     scheduler = instantiate(cfg.scheduler)(optimizer)  # the partial call train.py makes
-    metrics = needs_metrics(scheduler)
+    stepper = SchedulerStepper(scheduler, optimizer, cfg.schedule.interval)  # when train.py steps it
     lrs = []
     for step in range(100):
-        lrs.append(scheduler.get_last_lr()[0])
+        lrs.append(stepper.lrs()[0])
         optimizer.step()
-        scheduler.step(1.0) if metrics else scheduler.step()
+        stepper.after_step()
+        if (step + 1) % 10 == 0:
+            stepper.after_epoch(1.0)  # a flat test loss
     peak = cfg.optimizer.lr
     assert all(0.0 <= lr <= peak * (1 + 1e-12) for lr in lrs), (option, lrs)
     assert len(set(lrs)) > 1 or option == "constant"
