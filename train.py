@@ -19,12 +19,16 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from imgcls import distributed
 from imgcls.config import check_writable, config_errors, pick_device, preflight, setup, validate_config
+
+if TYPE_CHECKING:
+    from imgcls.checkpoint import State
 
 setup()  # the resolvers and the config schema, before Hydra composes conf/
 
@@ -50,6 +54,8 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def recipe(cfg: DictConfig, run_dir: Path) -> float | None:
+    from imgcls.checkpoint import resume
+
     validate_config(cfg)                                     # 1. config (fails before any work)
     check_writable(run_dir)                                  #    the run directory
     device = pick_device(cfg)                                #    the device
@@ -95,7 +101,7 @@ class exit_cleanly:
             return False
         from omegaconf.errors import OmegaConfBaseException
 
-        from imgcls.checkpoint import CheckpointError
+        from imgcls.checkpoint import CheckpointError, CheckpointWriteError
 
         if issubclass(kind, FloatingPointError):
             code = EXIT_NONFINITE
@@ -229,130 +235,8 @@ def write_config(cfg: DictConfig, run_dir: Path, dist) -> None:
 # --------------------------------------------------------------------------------------
 # 7. resume
 # --------------------------------------------------------------------------------------
-class State:
-    """Counters that a checkpoint carries, besides the model, optimizer and scheduler."""
-
-    def __init__(self):
-        self.step = 0            # optimizer steps done
-        self.epoch = 0           # epoch in progress
-        self.batch = 0           # next batch of that epoch
-        self.finished = False
-        self.best_acc = None     # best test accuracy so far
-        self.last_eval = None    # {"test_loss", "test_acc"} of the latest evaluation
-        self.loss_sum = 0.0      # training loss summed since the last log line...
-        self.loss_count = 0      # ...over this many steps
-        self.train_seconds = 0.0
-        self.images = 0          # training images processed (for images per second)
-        self.skipped_steps = 0   # steps whose loss was NaN/inf, dropped (trainer.skip_nonfinite)
-
-    def to_dict(self) -> dict:
-        return dict(vars(self))
-
-    def load(self, d: dict) -> None:
-        for k in vars(self):
-            if k in d:
-                setattr(self, k, d[k])
-
-
-def checkpoint_path(run_dir: Path) -> Path:
-    return run_dir / "checkpoints" / "last.pt"
-
-
-def resume(cfg: DictConfig, run_dir: Path, model, optimizer, scheduler, dist) -> State:
-    from imgcls.checkpoint import find_resumable, load_checkpoint, set_rng_state
-
-    from imgcls.config import check_resume_config
-
-    state = State()
-    metrics = run_dir / "metrics.jsonl"
-    if cfg.resume == "never":
-        fresh_start(metrics, dist)
-        return state
-    if cfg.resume == "auto":
-        found = find_resumable(checkpoint_path(run_dir), cfg.trainer.keep_checkpoints)
-        if found is None:
-            fresh_start(metrics, dist)
-            return state
-        ckpt, path = found
-        set_aside_unreadable(checkpoint_path(run_dir), path, dist)
-    else:
-        path = Path(cfg.resume).expanduser()
-        ckpt = load_checkpoint(path)
-    check_resume_config(ckpt, cfg, path)
-    try:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-    except (KeyError, RuntimeError, ValueError) as e:
-        raise ValueError(f"resume: checkpoint {path} does not fit this model/optimizer/scheduler: {e}") from e
-    set_rng_state(ckpt["rng"])
-    state.load(ckpt["state"])
-    if dist.is_main:
-        trim_metrics(run_dir / "metrics.jsonl", state.step)
-    print(f"resumed from {path} at step {state.step} (epoch {state.epoch}, batch {state.batch})", flush=True)
-    if state.epoch < cfg.trainer.epochs and all(float(lr) == 0.0 for lr in scheduler.get_last_lr()):
-        print(f"warning: resume: the saved schedule has already brought the lr to 0 (step {state.step}); "
-              f"the epochs from {state.epoch} to {cfg.trainer.epochs} would train at lr 0 (a checkpoint's "
-              f"schedule keeps its lengths): start a new run directory to train longer", flush=True)
-    return state
-
-
-def fresh_start(metrics: Path, dist) -> None:
-    """Starting from step 0: drop what a run killed before its first checkpoint logged."""
-    if dist.is_main:
-        trim_metrics(metrics, 0)
-
-
-def set_aside_unreadable(last: Path, resumed_from: Path, dist) -> None:
-    """Resumed from a backup because last.pt is unreadable: rename it to last.pt.unreadable so
-    that the next save does not rotate it over the good backup it resumed from."""
-    if dist.is_main and resumed_from != last and last.exists():
-        os.replace(last, last.with_name(last.name + ".unreadable"))
-        print(f"resume: {last} was unreadable; kept as {last.name}.unreadable", flush=True)
-
-
-def trim_metrics(path: Path, step: int) -> None:
-    """Drop metrics lines written after the checkpoint (a run killed between checkpoints)."""
-    if not path.exists():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln)["step"] <= step]
-    if len(kept) != len(lines):
-        path.write_text("".join(ln + "\n" for ln in kept))
-
-
-def save(cfg: DictConfig, run_dir: Path, model, optimizer, scheduler, state: State, dist) -> None:
-    """Rank 0 writes (every rank holds the same weights); the others wait for it."""
-    if not dist.is_main:
-        distributed.barrier(dist)
-        return
-    try:
-        _save(cfg, run_dir, model, optimizer, scheduler, state)
-    except OSError as e:
-        raise CheckpointWriteError(str(e)) from e
-    distributed.barrier(dist)
-
-
-class CheckpointWriteError(RuntimeError):
-    """A checkpoint could not be written (disk full, read-only...); the previous one is intact."""
-
-
-def _save(cfg: DictConfig, run_dir: Path, model, optimizer, scheduler, state: State) -> None:
-    from imgcls.checkpoint import rng_state, save_checkpoint, unwrap_model
-
-    save_checkpoint(
-        {
-            "model": unwrap_model(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "state": state.to_dict(),
-            "rng": rng_state(),
-            "config": OmegaConf.to_container(cfg, resolve=True),
-            "config_unresolved": OmegaConf.to_container(cfg, resolve=False),
-        },
-        checkpoint_path(run_dir),
-        keep=cfg.trainer.keep_checkpoints,
-    )
+# What a checkpoint holds, resuming with fallback, trimming metrics and when to save: next
+# to the checkpoint writer, in imgcls/checkpoint.py (State, resume, save, checkpoint_due, ...).
 
 
 # --------------------------------------------------------------------------------------
@@ -430,6 +314,8 @@ def _fmt(v):
 
 def train(cfg, run_dir, data: Data, model, optimizer, scheduler, state: State, device, dist) -> str | None:
     """The loop. Returns the name of the signal that stopped it, or None when it finished."""
+    from imgcls.checkpoint import checkpoint_due
+
     loop = Loop(cfg, run_dir, data, model, optimizer, scheduler, state, device, dist)
     with StopRequest() as stop, Reporter(loop) as report:
         for epoch in range(state.epoch, cfg.trainer.epochs):
@@ -487,6 +373,8 @@ class Loop:
     def read_loss(self) -> float:
         """The host sync: the mean training loss since the last log line (summed over ranks);
         a NaN/inf anywhere in it stops the run."""
+        from imgcls.checkpoint import checkpoint_path
+
         state = self.state
         value = distributed.mean_over_ranks(self.loss_sum, self.dist).item()
         if not math.isfinite(value):
@@ -515,6 +403,8 @@ class Loop:
 
     def checkpoint(self) -> None:
         """Save at a step boundary; the partial training-loss sum goes with it."""
+        from imgcls.checkpoint import save
+
         self.state.loss_sum = self.read_loss()
         save(self.cfg, self.run_dir, self.model, self.optimizer, self.scheduler, self.state, self.dist)
 
@@ -602,11 +492,6 @@ class Reporter:
 
     def write(self, record: dict, **extra) -> None:
         self.log.write(record, echo=True, **extra)
-
-
-def checkpoint_due(t, state: State) -> bool:
-    """After an epoch: every trainer.checkpoint_every epochs and at the end (and on a stop)."""
-    return state.finished or state.epoch % t.checkpoint_every == 0
 
 
 def train_step(net, optimizer, loss_fn, x, y, bf16: bool, skip_nonfinite: bool = False):

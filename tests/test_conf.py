@@ -14,7 +14,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
-from imgcls.config import SchedulerStepper, compose_config, validate_config
+from imgcls.config import SchedulerStepper, compose_config, config_changes, validate_config
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 OPTIONS = sorted(
@@ -88,3 +88,14 @@ def test_smoke_preset_fits_every_model(model):
     validate_config(cfg)
     net = instantiate(cfg.model)(num_classes=cfg.data.num_classes)
     assert net(torch.randn(2, 3, 32, 32)).shape == (2, cfg.data.num_classes)
+
+
+def test_resume_tolerates_where_the_data_lives_not_what_it_is():
+    """config_changes on resume: data.root (and data.download) are safe, any other data key
+    is structural (refused without resume_force), as model/optimizer/scheduler keys are."""
+    saved = {"data": {"name": "cifar10", "root": "data", "download": True, "crop_padding": 4}, "trainer": {"epochs": 2}}
+    moved = {"data": {"name": "cifar10", "root": "/mnt/data", "download": False, "crop_padding": 4},
+             "trainer": {"epochs": 3}}
+    assert config_changes(saved, moved) == ([], ["data.download", "data.root", "trainer.epochs"])
+    other = {"data": {**saved["data"], "crop_padding": 2, "name": "cifar100"}, "trainer": {"epochs": 2}}
+    assert config_changes(saved, other) == (["data.crop_padding", "data.name"], [])
