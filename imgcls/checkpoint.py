@@ -28,12 +28,11 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from imgcls import distributed
-
-import torch
-from torch import nn
 
 __all__ = [
     "CheckpointError",

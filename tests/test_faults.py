@@ -61,8 +61,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.conftest import ROOT, run_train, train_cmd
-from tests.test_train import _run_until_sigterm, assert_same_weights, metrics, weights
+from tests.conftest import ROOT, assert_same_weights, metrics, run_train, train_cmd, weights
+from tests.conftest import run_until_sigterm as _run_until_sigterm
 
 SMOKE = ["experiment=smoke"]
 SMOKE3 = [*SMOKE, "trainer.epochs=3", "trainer.log_every=1"]  # 24 steps, 27 metrics lines

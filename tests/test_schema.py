@@ -4,14 +4,9 @@ in-process composition, no training)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
-import yaml
 
 from imgcls.config import ConfigError, compose_config, validate_config
-from tests.conftest import ROOT
 
 
 @pytest.mark.parametrize("overrides,says", [
@@ -50,13 +45,3 @@ def test_the_schema_holds_every_shipped_value():
     cfg, _ = compose_config(["schedule.warmup=0.3"])  # warmup_linear reads it
     validate_config(cfg)
     assert cfg.trainer.epochs == 16 and cfg.schedule.allow_truncated is False
-
-
-def test_cfg_job_resolve_prints_the_resolved_config():
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "experiment=smoke", "--cfg", "job", "--resolve"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    cfg = yaml.safe_load(proc.stdout)
-    assert cfg["schedule"]["steps_per_epoch"] == 8  # 512 synthetic images // batch 64, as the run counts
-    assert cfg["scheduler"]["milestones"] == [3]    # ${run_fraction:0.2} of 16 steps
-    assert "${" not in proc.stdout

@@ -4,30 +4,24 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import time
 
 import pytest
 import torch
+import yaml
 
-from tests.conftest import ROOT, extract_cifar_subset, run_train, train_cmd
+from tests.conftest import (
+    ROOT,
+    assert_same_weights,
+    extract_cifar_subset,
+    metrics,
+    run_train,
+    run_until_sigterm,
+    train_cmd,
+    weights,
+)
 
 SMOKE = ["experiment=smoke"]
-
-
-def metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def weights(run_dir, name="last.pt"):
-    return torch.load(run_dir / "checkpoints" / name, weights_only=True)["model"]
-
-
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"weights differ at {k}"
 
 
 def test_smoke_run_writes_metrics_results_and_checkpoint(tmp_path):
@@ -80,31 +74,6 @@ def evaluate_checkpoint(path):
     return train.evaluate(model, loader, cfg.trainer, torch.device("cpu"), False, None)
 
 
-def _run_until_sigterm(run_dir, overrides, after_lines: int) -> subprocess.CompletedProcess:
-    """Run train.py, and once metrics.jsonl has ``after_lines`` lines: pause it (SIGSTOP), note
-    the last step it logged (in ``.signalled_at``), send SIGTERM and let it go on (SIGCONT)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        train_cmd(*overrides, f"hydra.run.dir={run_dir}"), cwd=ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    log = run_dir / "metrics.jsonl"
-    deadline = time.time() + 120
-    signalled_at = None
-    while time.time() < deadline and proc.poll() is None:
-        if log.exists() and len(log.read_text().splitlines()) >= after_lines:
-            proc.send_signal(signal.SIGSTOP)
-            signalled_at = max(json.loads(line)["step"] for line in log.read_text().splitlines())
-            proc.send_signal(signal.SIGTERM)
-            proc.send_signal(signal.SIGCONT)
-            break
-        time.sleep(0.005)
-    out, _ = proc.communicate(timeout=120)
-    done = subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
-    done.signalled_at = signalled_at
-    return done
-
-
 @pytest.mark.slow
 def test_sigterm_mid_run_then_resume_is_bit_identical(tmp_path):
     common = [*SMOKE, "trainer.epochs=4", "trainer.log_every=1"]
@@ -112,7 +81,7 @@ def test_sigterm_mid_run_then_resume_is_bit_identical(tmp_path):
     run_train(*common, f"hydra.run.dir={full}")
 
     part = tmp_path / "part"
-    stopped = _run_until_sigterm(part, common, after_lines=11)
+    stopped = run_until_sigterm(part, common, after_lines=11)
     assert stopped.returncode == 143, stopped.stdout  # 128 + SIGTERM, documented in the README
     assert "SIGTERM: checkpoint saved at step" in stopped.stdout
     state = torch.load(part / "checkpoints" / "last.pt", weights_only=True)["state"]
@@ -244,3 +213,13 @@ def test_real_cifar10_subset_beats_chance(tmp_path):
     )
     acc = json.loads((run / "results.json").read_text())["final_test_acc"]
     assert acc > 0.30, f"test accuracy {acc:.3f} on 1,000 real test images; chance is 0.10"
+
+
+def test_cfg_job_resolve_prints_the_resolved_config():
+    proc = subprocess.run(train_cmd("experiment=smoke", "--cfg", "job", "--resolve"),
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    cfg = yaml.safe_load(proc.stdout)
+    assert cfg["schedule"]["steps_per_epoch"] == 8  # 512 synthetic images // batch 64, as the run counts
+    assert cfg["scheduler"]["milestones"] == [3]    # ${run_fraction:0.2} of 16 steps
+    assert "${" not in proc.stdout
