@@ -497,7 +497,7 @@ class Reporter:
 def train_step(net, optimizer, loss_fn, x, y, bf16: bool, skip_nonfinite: bool = False):
     """One optimizer step on batch (x, y); the detached loss, or None if it was NaN/inf and
     skip_nonfinite is set (that check is a host sync per step, hence opt-in).
-    Also what `make bench` times (tests/bench_train.py)."""
+    Also what `make bench` times (benchmarks/bench_train.py)."""
     import torch
 
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
