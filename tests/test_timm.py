@@ -17,8 +17,8 @@ from imgcls.models import _hub_reachable, count_flops, resnet18, timm_model  # n
 from tests.conftest import ROOT, run_train, train_cmd  # noqa: E402
 from tests.test_train import _run_until_sigterm, assert_same_weights, metrics, weights  # noqa: E402
 
-# experiment=smoke sets model.width (a resnet9 key): drop it for a timm model.
-TIMM_SMOKE = ["experiment=smoke", "model=timm", "model.name=test_resnet", "~model.width"]
+# experiment=smoke sets model sizes per model (conf/experiment_model/): none for timm.
+TIMM_SMOKE = ["experiment=smoke", "model=timm", "model.name=test_resnet"]
 
 
 def test_builds_any_architecture_by_name_with_kwargs_passed_through():
