@@ -38,8 +38,8 @@ from PIL import Image
 
 import train
 from imgcls.io import WriteFault
+from tests.conftest import assert_same_weights, metrics, weights
 from tests.test_faults import _assert_clean_error, _load, _parallel, _run, _sha, _temp_files
-from tests.test_train import assert_same_weights, metrics, weights
 
 SMOKE = ["experiment=smoke"]
 PAGE = 4096  # tmpfs allocates whole pages: sizes below are rounded up to them

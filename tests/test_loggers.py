@@ -147,10 +147,10 @@ def test_wandb_mode_is_offline_without_an_api_key(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_wandb_offline_run_has_config_and_every_record_and_a_resume_continues_it(tmp_path):
     pytest.importorskip("wandb", reason="wandb is not installed (pip install -e '.[wandb]')")
-    from tests.test_train import _run_until_sigterm
+    from tests.conftest import run_until_sigterm
 
     common = ["experiment=smoke", "trainer.epochs=2", "logger=wandb", "trainer.log_every=1"]
-    stopped = _run_until_sigterm(tmp_path, common, after_lines=11)  # 8 steps + 1 evaluation + 2
+    stopped = run_until_sigterm(tmp_path, common, after_lines=11)  # 8 steps + 1 evaluation + 2
     assert stopped.returncode == 143, stopped.stdout  # the tracker leaves train.py's SIGTERM handling alone
     [run] = wandb_runs(tmp_path)
     run_id = run["run"].run_id

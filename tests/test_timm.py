@@ -14,8 +14,7 @@ import torch
 timm = pytest.importorskip("timm", reason="timm is not installed (pip install -e '.[timm]')")
 
 from imgcls.models import _hub_reachable, count_flops, resnet18, timm_model  # noqa: E402
-from tests.conftest import ROOT, run_train, train_cmd  # noqa: E402
-from tests.test_train import _run_until_sigterm, assert_same_weights, metrics, weights  # noqa: E402
+from tests.conftest import ROOT, assert_same_weights, metrics, run_train, run_until_sigterm, train_cmd, weights  # noqa: E402  # noqa: E402
 
 # experiment=smoke sets model sizes per model (conf/experiment_model/): none for timm.
 TIMM_SMOKE = ["experiment=smoke", "model=timm", "model.name=test_resnet"]
@@ -126,7 +125,7 @@ def test_train_checkpoint_and_sigterm_resume_are_bit_identical(tmp_path):
     plain.load_state_dict(ckpt["model"])
 
     part = tmp_path / "part"
-    stopped = _run_until_sigterm(part, common, after_lines=11)  # 8 steps + 1 evaluation + 2: mid epoch 2
+    stopped = run_until_sigterm(part, common, after_lines=11)  # 8 steps + 1 evaluation + 2: mid epoch 2
     assert stopped.returncode == 143, stopped.stdout
     resumed = run_train(*common, f"hydra.run.dir={part}")
     assert "resumed from" in resumed.stdout
