@@ -56,3 +56,33 @@ class RunLock:
     def __exit__(self, *exc):
         self.release()
         return False
+
+
+# What Hydra and train.py put into a run directory before the first step: nothing a user needs
+# once start-up failed (the error is on stderr). A directory holding anything else is left alone.
+_STARTUP_FILES = (".hydra", "train.log", "config.yaml", "checkpoints", LOCK_NAME)
+_PROGRESS_FILES = ("metrics.jsonl", "results.json")
+
+
+def remove_if_unused(run_dir: str | Path) -> bool:
+    """Delete a run directory that a failed start-up left with nothing but start-up files
+    (Hydra's .hydra/ and log, the resolved config, an empty checkpoints/, the lock). Returns
+    whether it was removed. Never touches a directory with a checkpoint, metrics or results, or
+    with any file it did not expect."""
+    import shutil
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return False
+    names = {p.name for p in run_dir.iterdir()}
+    ckpt = run_dir / "checkpoints"
+    if names - set(_STARTUP_FILES) or names & set(_PROGRESS_FILES) or (ckpt.is_dir() and any(ckpt.iterdir())):
+        return False
+    for name in names:
+        p = run_dir / name
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    try:
+        run_dir.rmdir()
+    except OSError:
+        return False
+    return True

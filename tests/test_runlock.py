@@ -40,3 +40,20 @@ def test_lock_in_same_process_is_exclusive(tmp_path):
     with pytest.raises(RunDirBusy, match="hydra.run.dir"):
         RunLock(tmp_path).acquire()  # flock locks belong to open file descriptions
     first.release()
+
+
+def test_remove_if_unused_only_removes_startup_leftovers(tmp_path):
+    from imgcls.runlock import remove_if_unused
+
+    fresh = tmp_path / "fresh"
+    (fresh / ".hydra").mkdir(parents=True)
+    (fresh / ".hydra" / "config.yaml").write_text("a: 1\n")
+    (fresh / "checkpoints").mkdir()
+    (fresh / "train.log").write_text("")
+    assert remove_if_unused(fresh) and not fresh.exists()
+
+    for extra in ("checkpoints/last.pt", "metrics.jsonl", "notes.txt"):
+        kept = tmp_path / extra.replace("/", "_")
+        (kept / "checkpoints").mkdir(parents=True)
+        (kept / extra).write_text("x")
+        assert not remove_if_unused(kept) and (kept / extra).exists()
