@@ -10,8 +10,8 @@ import json
 import pytest
 import torch
 
-from tests.conftest import run_train
-from tests.test_train import _run_until_sigterm, metrics
+from tests.conftest import metrics, run_train
+from tests.conftest import run_until_sigterm as _run_until_sigterm
 
 pytestmark = [
     pytest.mark.gpu,
