@@ -26,21 +26,27 @@ from imgcls.checkpoint import unwrap_model
 
 def check_averaging(ema_decay, swa_start) -> None:
     """ValueError naming the key for a value outside what is accepted."""
-    if ema_decay is not None and (isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float))
-                                  or not 0.0 < ema_decay < 1.0):
-        raise ValueError(f"trainer.ema_decay: {ema_decay!r} is not accepted; expected null (off) or a "
-                         f"number in (0, 1), e.g. 0.999")
-    if swa_start is not None and (isinstance(swa_start, bool) or not isinstance(swa_start, (int, float))
-                                  or not 0.0 <= swa_start < 1.0):
-        raise ValueError(f"trainer.swa_start: {swa_start!r} is not accepted; expected null (off) or the "
-                         f"fraction of the run after which SWA averages, in [0, 1), e.g. 0.75")
+    if ema_decay is not None and (
+        isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)) or not 0.0 < ema_decay < 1.0
+    ):
+        raise ValueError(
+            f"trainer.ema_decay: {ema_decay!r} is not accepted; expected null (off) or a number in (0, 1), e.g. 0.999"
+        )
+    if swa_start is not None and (
+        isinstance(swa_start, bool) or not isinstance(swa_start, (int, float)) or not 0.0 <= swa_start < 1.0
+    ):
+        raise ValueError(
+            f"trainer.swa_start: {swa_start!r} is not accepted; expected null (off) or the "
+            f"fraction of the run after which SWA averages, in [0, 1), e.g. 0.75"
+        )
 
 
 class Averaging:
     """The EMA and/or SWA copies of ``model`` (each None when off)."""
 
-    def __init__(self, model: torch.nn.Module, epochs: int, ema_decay: float | None = None,
-                 swa_start: float | None = None):
+    def __init__(
+        self, model: torch.nn.Module, epochs: int, ema_decay: float | None = None, swa_start: float | None = None
+    ):
         check_averaging(ema_decay, swa_start)
         base = unwrap_model(model)
         self.ema = None
@@ -85,21 +91,37 @@ class Averaging:
             if mine is None:
                 continue
             if name not in d:
-                raise ValueError(f"resume: checkpoint {path} has no {name.upper()} weights but "
-                                 f"trainer.{'ema_decay' if name == 'ema' else 'swa_start'} is set; "
-                                 f"resume with it unset, or start a new run directory")
+                raise ValueError(
+                    f"resume: checkpoint {path} has no {name.upper()} weights but "
+                    f"trainer.{'ema_decay' if name == 'ema' else 'swa_start'} is set; "
+                    f"resume with it unset, or start a new run directory"
+                )
             mine.load_state_dict(d[name])
 
 
-def averaged_weights(ckpt: dict) -> tuple[dict, str]:
-    """(weights, which) a checkpoint's model is evaluated with: SWA in a finished run (its BN
-    statistics are recomputed only at the end), else EMA when on, else the raw weights. The keys
-    are those of a plain model."""
+WEIGHTS = ("auto", "raw", "ema", "swa")
+
+
+def averaged_weights(ckpt: dict, which: str = "auto") -> tuple[dict, str]:
+    """(weights, which) a checkpoint's model is evaluated with. auto: SWA in a finished run (its
+    BN statistics are recomputed only at the end), else EMA when on, else the raw weights; or
+    the one asked for (ValueError if the checkpoint does not have it). The keys are those of a
+    plain model."""
+    if which not in WEIGHTS:
+        raise ValueError(f"weights: {which!r} is not accepted; expected one of {list(WEIGHTS)}")
+    if which == "raw":
+        return ckpt["model"], "raw"
     avg = ckpt.get("averaging") or {}
     finished = bool((ckpt.get("state") or {}).get("finished"))
-    for name in ("swa", "ema"):
+    for name in ("swa", "ema") if which == "auto" else (which,):
         sd = avg.get(name)
         if sd is not None and int(sd.get("n_averaged", 0)) > 0 and (name == "ema" or finished):
             prefix = "module."
-            return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}, name
+            return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}, name
+    if which != "auto":
+        raise ValueError(
+            f"weights: {which!r} but the checkpoint has no {which.upper()} weights"
+            + (" yet (SWA's are complete only in a finished run)" if which == "swa" else "")
+            + "; use weights=auto or raw"
+        )
     return ckpt["model"], "raw"

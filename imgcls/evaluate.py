@@ -3,6 +3,7 @@
     python -m imgcls.evaluate checkpoint=outputs/run1              # its best.pt (else last.pt), test split
     python -m imgcls.evaluate checkpoint=outputs/run1/checkpoints/last.pt split=val
     python -m imgcls.evaluate checkpoint=outputs/run1 data.path=/other/folder   # same classes
+    python -m imgcls.evaluate checkpoint=outputs/run1 weights=raw     # not the EMA/SWA weights
 
 The model is rebuilt from the config saved in the checkpoint (no overrides needed); ``data.*``
 overrides change where the images come from. Writes ``metrics.json``, ``confusion.csv`` and
@@ -74,14 +75,16 @@ def resolve_checkpoint(arg) -> Path:
             for name in ("best.pt", "last.pt"):
                 if (d / name).is_file():
                     return d / name
-        raise ValueError(f"checkpoint: {p} is a directory without checkpoints/best.pt or checkpoints/last.pt; "
-                         f"give a run directory of train.py or a checkpoint file")
+        raise ValueError(
+            f"checkpoint: {p} is a directory without checkpoints/best.pt or checkpoints/last.pt; "
+            f"give a run directory of train.py or a checkpoint file"
+        )
     if not p.exists():
         raise ValueError(f"checkpoint: {p} does not exist; give a checkpoint file or a run directory")
     return p
 
 
-def load_model(path: Path, device: torch.device):
+def load_model(path: Path, device: torch.device, weights: str = "auto"):
     """(model on device in eval mode, checkpoint dict, saved config, which weights) of a checkpoint."""
     import hydra
     from omegaconf import OmegaConf
@@ -95,17 +98,21 @@ def load_model(path: Path, device: torch.device):
     cfg = OmegaConf.create(ckpt["config"])
     target = str(OmegaConf.select(cfg, "model._target_", default=""))
     if not target.startswith(MODEL_PREFIX):
-        raise CheckpointError(f"checkpoint {path}: model._target_ {target!r} is not accepted; expected a "
-                              f"builder in {MODEL_PREFIX[:-1]} (a checkpoint names no other code to run)")
+        raise CheckpointError(
+            f"checkpoint {path}: model._target_ {target!r} is not accepted; expected a "
+            f"builder in {MODEL_PREFIX[:-1]} (a checkpoint names no other code to run)"
+        )
     num_classes = int(cfg.data.num_classes)
     model = hydra.utils.instantiate(cfg.model)(num_classes=num_classes)
-    weights, which = averaged_weights(ckpt)
+    state_dict, which = averaged_weights(ckpt, weights)
     try:
-        model.load_state_dict(weights)
+        model.load_state_dict(state_dict)
     except RuntimeError as e:
         first = str(e).strip().splitlines()
-        raise CheckpointError(f"checkpoint {path}: its weights do not fit model {target} "
-                              f"({first[1].strip() if len(first) > 1 else first[0]})") from e
+        raise CheckpointError(
+            f"checkpoint {path}: its weights do not fit model {target} "
+            f"({first[1].strip() if len(first) > 1 else first[0]})"
+        ) from e
     return model.to(device).eval(), ckpt, cfg, which
 
 
@@ -124,8 +131,9 @@ def data_info(ckpt: dict, cfg) -> dict:
     checkpoint by train.py (``data_info``)."""
     info = ckpt.get("data_info")
     if not isinstance(info, dict) or not {"classes", "mean", "std", "size"} <= set(info):
-        raise CheckpointError("checkpoint has no data_info entry (classes, mean, std, image size); "
-                              "it was written by an older train.py")
+        raise CheckpointError(
+            "checkpoint has no data_info entry (classes, mean, std, image size); it was written by an older train.py"
+        )
     return info
 
 
@@ -141,12 +149,13 @@ def parse_args(argv: list[str], allowed: dict) -> dict:
     data = {}
     for arg in argv:
         if "=" not in arg:
-            raise ValueError(f"argument {arg!r} is not accepted; expected key=value with key in "
-                             f"{sorted(allowed)} or data.<key>")
+            raise ValueError(
+                f"argument {arg!r} is not accepted; expected key=value with key in {sorted(allowed)} or data.<key>"
+            )
         key, value = arg.split("=", 1)
         parsed = yaml.safe_load(value) if value != "" else None
         if key.startswith("data."):
-            data[key[len("data."):]] = parsed
+            data[key[len("data.") :]] = parsed
         elif key in allowed:
             out[key] = parsed if key not in ("checkpoint", "images", "out") else value
         else:
@@ -172,9 +181,15 @@ def load_split(cfg, data_overrides: dict, split: str):
     with open_dict(d):
         for k, v in data_overrides.items():
             OmegaConf.update(d, k, v, merge=False)
-    ds = load_dataset(name=d.name, root=d.root, download=d.download, path=d.path,
-                      synthetic_size=tuple(d.get("synthetic_size", (512, 256))),
-                      num_classes=d.num_classes or 10, seed=cfg.trainer.seed)
+    ds = load_dataset(
+        name=d.name,
+        root=d.root,
+        download=d.download,
+        path=d.path,
+        synthetic_size=tuple(d.get("synthetic_size", (512, 256))),
+        num_classes=d.num_classes or 10,
+        seed=cfg.trainer.seed,
+    )
     if split == "test":
         return ds.test_images, ds.test_labels, ds.classes
     _, held = val_indices(ds.train_labels, d.get("val_size", 0))
@@ -192,25 +207,37 @@ def evaluate_checkpoint(args: dict) -> dict:
         raise ValueError(f"split: {split!r} is not accepted; expected test or val")
     device = pick_device(args["device"])
     path = resolve_checkpoint(args["checkpoint"])
-    model, ckpt, cfg, which = load_model(path, device)
+    model, ckpt, cfg, which = load_model(path, device, args["weights"])
     info = data_info(ckpt, cfg)
     images, labels, classes = load_split(cfg, args["data"], split)
     if list(classes) != list(info["classes"]):
-        raise ValueError(f"data: the {len(classes)} classes {list(classes)[:5]}... do not match the "
-                         f"{len(info['classes'])} classes the checkpoint was trained on "
-                         f"{list(info['classes'])[:5]}...; evaluate on data with the same class folders")
+        raise ValueError(
+            f"data: the {len(classes)} classes {list(classes)[:5]}... do not match the "
+            f"{len(info['classes'])} classes the checkpoint was trained on "
+            f"{list(info['classes'])[:5]}...; evaluate on data with the same class folders"
+        )
     batch = int(args["batch_size"] or cfg.trainer.eval_batch_size)
-    loader = DeviceLoader(images, labels, batch, device=device, mean=info["mean"], std=info["std"],
-                          train=False, drop_last=False)
+    loader = DeviceLoader(
+        images, labels, batch, device=device, mean=info["mean"], std=info["std"], train=False, drop_last=False
+    )
     precision = resolve_precision(cfg.trainer.precision, device)
     r = run_eval(model, loader.epoch_batches(0), device, precision, bool(cfg.trainer.tta_flip), len(classes))
     confusion = r.pop("confusion")
     totals = confusion.sum(1)
-    per_class = {c: (float(confusion[i, i]) / int(totals[i]) if int(totals[i]) else None)
-                 for i, c in enumerate(classes)}
-    result = {"checkpoint": str(path), "weights": which, "split": split, "images": r["n"],
-              "loss": r["loss"], "acc": r["acc"], "per_class_acc": per_class}
-    out = Path(args["out"]) if args["out"] else default_out(path, f"{path.stem}-{split}")
+    per_class = {
+        c: (float(confusion[i, i]) / int(totals[i]) if int(totals[i]) else None) for i, c in enumerate(classes)
+    }
+    result = {
+        "checkpoint": str(path),
+        "weights": which,
+        "split": split,
+        "images": r["n"],
+        "loss": r["loss"],
+        "acc": r["acc"],
+        "per_class_acc": per_class,
+    }
+    name = f"{path.stem}-{split}" + ("" if args["weights"] == "auto" else f"-{which}")
+    out = Path(args["out"]) if args["out"] else default_out(path, name)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     with open(out / "confusion.csv", "w", newline="") as f:
@@ -248,14 +275,18 @@ def confusion_png(confusion: torch.Tensor, classes: list[str], path: Path, cell:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        args = parse_args(argv, {"checkpoint": None, "split": "test", "out": None, "device": "auto",
-                                 "batch_size": None})
+        args = parse_args(
+            argv,
+            {"checkpoint": None, "split": "test", "out": None, "device": "auto", "batch_size": None, "weights": "auto"},
+        )
         r = evaluate_checkpoint(args)
     except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
-    print(f"{r['split']} of {r['checkpoint']} ({r['weights']} weights): {r['images']} images, "
-          f"loss {r['loss']:.4f}, accuracy {r['acc']:.4f}")
+    print(
+        f"{r['split']} of {r['checkpoint']} ({r['weights']} weights): {r['images']} images, "
+        f"loss {r['loss']:.4f}, accuracy {r['acc']:.4f}"
+    )
     width = max(len(c) for c in r["per_class_acc"])
     for c, a in r["per_class_acc"].items():
         print(f"  {c:<{width}}  {'-' if a is None else f'{a:.4f}'}")

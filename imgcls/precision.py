@@ -44,8 +44,9 @@ def make_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
-def optimizer_step(loss: torch.Tensor, optimizer, scaler: torch.amp.GradScaler, clip_norm: float | None,
-                   parameters=None) -> None:
+def optimizer_step(
+    loss: torch.Tensor, optimizer, scaler: torch.amp.GradScaler, clip_norm: float | None, parameters=None
+) -> None:
     """backward, optional clipping of the total gradient norm to ``clip_norm`` (on the unscaled
     gradients), optimizer step (skipped by the scaler if an fp16 gradient is inf/NaN), zero grads."""
     scaler.scale(loss).backward()
@@ -60,7 +61,10 @@ def optimizer_step(loss: torch.Tensor, optimizer, scaler: torch.amp.GradScaler, 
 
 
 def check_clip(value) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                              or not value > 0 or value == float("inf")):
-        raise ValueError(f"trainer.grad_clip_norm: {value!r} is not accepted; expected null (off) or a "
-                         f"finite number > 0 (the largest total gradient L2 norm)")
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf")
+    ):
+        raise ValueError(
+            f"trainer.grad_clip_norm: {value!r} is not accepted; expected null (off) or a "
+            f"finite number > 0 (the largest total gradient L2 norm)"
+        )

@@ -34,8 +34,13 @@ def list_images(spec) -> list[Path]:
         return [p]
     if p.is_dir():
         exts = {e.lower() for e in Image.registered_extensions()}
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in exts
-                       and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        files = sorted(
+            f
+            for f in p.rglob("*")
+            if f.is_file()
+            and f.suffix.lower() in exts
+            and not any(part.startswith(".") for part in f.relative_to(p).parts)
+        )
         if not files:
             raise ValueError(f"images: {p} holds no image files (looked for {', '.join(sorted(exts)[:6])}, ...)")
         return files
@@ -53,7 +58,7 @@ def predict(args: dict) -> dict:
     device = pick_device(args["device"])
     path = resolve_checkpoint(args["checkpoint"])
     files = list_images(args["images"])
-    model, ckpt, cfg, which = load_model(path, device)
+    model, ckpt, cfg, which = load_model(path, device, args["weights"])
     info = data_info(ckpt, cfg)
     classes = list(info["classes"])
     _, h, w = (int(v) for v in info["size"])
@@ -75,20 +80,25 @@ def predict(args: dict) -> dict:
         writer.writerow(["file", "class", "probability", f"top{k}"])
         for lo in range(0, len(files), batch):
             names, arrays = [], []
-            for file in files[lo:lo + batch]:
+            for file in files[lo : lo + batch]:
                 try:
                     with Image.open(file) as im:
                         im = im.convert("RGB")
                         if im.size != (w, h):
                             if resized == 0:
-                                print(f"resizing images of another size to the training size {w}x{h} "
-                                      f"(first: {file}, {im.size[0]}x{im.size[1]})", flush=True)
+                                print(
+                                    f"resizing images of another size to the training size {w}x{h} "
+                                    f"(first: {file}, {im.size[0]}x{im.size[1]})",
+                                    flush=True,
+                                )
                             resized += 1
                             im = im.resize((w, h), Image.BILINEAR)
                         arrays.append(np.asarray(im, dtype=np.uint8))
                     names.append(file)
                 except Exception as e:  # one bad file must not stop the others
-                    print(f"skipped {file}: not a readable image ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
+                    print(
+                        f"skipped {file}: not a readable image ({type(e).__name__}: {e})", file=sys.stderr, flush=True
+                    )
                     skipped.append(str(file))
             if not arrays:
                 continue
@@ -102,27 +112,52 @@ def predict(args: dict) -> dict:
             top_p, top_i = probs.topk(k, dim=1)
             top_p, top_i = top_p.cpu().tolist(), top_i.cpu().tolist()
             for name, ps, ids in zip(names, top_p, top_i):
-                writer.writerow([str(name), classes[ids[0]], f"{ps[0]:.6f}",
-                                 " ".join(f"{classes[i]}:{p:.4f}" for i, p in zip(ids, ps))])
+                writer.writerow(
+                    [
+                        str(name),
+                        classes[ids[0]],
+                        f"{ps[0]:.6f}",
+                        " ".join(f"{classes[i]}:{p:.4f}" for i, p in zip(ids, ps)),
+                    ]
+                )
                 written += 1
-    return {"checkpoint": str(path), "weights": which, "out": str(out), "written": written,
-            "skipped": skipped, "resized": resized}
+    return {
+        "checkpoint": str(path),
+        "weights": which,
+        "out": str(out),
+        "written": written,
+        "skipped": skipped,
+        "resized": resized,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        args = parse_args(argv, {"checkpoint": None, "images": None, "out": "predictions.csv", "topk": 5,
-                                 "batch_size": 256, "device": "auto"})
+        args = parse_args(
+            argv,
+            {
+                "checkpoint": None,
+                "images": None,
+                "out": "predictions.csv",
+                "topk": 5,
+                "batch_size": 256,
+                "device": "auto",
+                "weights": "auto",
+            },
+        )
         if args["data"]:
             raise ValueError(f"data.{next(iter(args['data']))}: not accepted by predict (it reads images=PATH)")
         r = predict(args)
     except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
-    print(f"predicted {r['written']} images with {r['checkpoint']} ({r['weights']} weights) -> {r['out']}"
-          + (f"; skipped {len(r['skipped'])} unreadable" if r["skipped"] else "")
-          + (f"; resized {r['resized']}" if r["resized"] else ""), flush=True)
+    print(
+        f"predicted {r['written']} images with {r['checkpoint']} ({r['weights']} weights) -> {r['out']}"
+        + (f"; skipped {len(r['skipped'])} unreadable" if r["skipped"] else "")
+        + (f"; resized {r['resized']}" if r["resized"] else ""),
+        flush=True,
+    )
     return 0 if r["written"] else EXIT_BAD_INPUT
 
 

@@ -23,18 +23,24 @@ def val_count(val_size, n: int, key: str = "data.val_size") -> int:
     if val_size is None or (not isinstance(val_size, bool) and val_size == 0):
         return 0
     if isinstance(val_size, bool) or not isinstance(val_size, (int, float)):
-        raise ValueError(f"{key}: {val_size!r} is not accepted; expected a number of images (an int >= 0) "
-                         f"or a fraction of the training split (a float in (0, 1))")
+        raise ValueError(
+            f"{key}: {val_size!r} is not accepted; expected a number of images (an int >= 0) "
+            f"or a fraction of the training split (a float in (0, 1))"
+        )
     if isinstance(val_size, float):
         if not 0.0 < val_size < 1.0:
-            raise ValueError(f"{key}: {val_size!r} is not accepted; a fraction must be in (0, 1) "
-                             f"(or give a number of images as an int)")
+            raise ValueError(
+                f"{key}: {val_size!r} is not accepted; a fraction must be in (0, 1) "
+                f"(or give a number of images as an int)"
+            )
         count = round(val_size * n)
     else:
         count = val_size
     if count < 0 or count >= n:
-        raise ValueError(f"{key}: {val_size!r} holds out {count} of the {n} training images; expected "
-                         f"at least 1 and fewer than {n} (0 turns the validation split off)")
+        raise ValueError(
+            f"{key}: {val_size!r} holds out {count} of the {n} training images; expected "
+            f"at least 1 and fewer than {n} (0 turns the validation split off)"
+        )
     return max(1, int(count))
 
 

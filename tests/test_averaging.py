@@ -92,8 +92,27 @@ def test_resume_without_averaged_weights_is_refused():
         avg.load_state_dict({}, "ckpt.pt")
 
 
-@pytest.mark.parametrize("kw,key", [({"ema_decay": 1.0}, "ema_decay"), ({"ema_decay": 0}, "ema_decay"),
-                                    ({"swa_start": 1.0}, "swa_start"), ({"swa_start": "x"}, "swa_start")])
+@pytest.mark.parametrize(
+    "kw,key",
+    [
+        ({"ema_decay": 1.0}, "ema_decay"),
+        ({"ema_decay": 0}, "ema_decay"),
+        ({"swa_start": 1.0}, "swa_start"),
+        ({"swa_start": "x"}, "swa_start"),
+    ],
+)
 def test_bad_values_refused(kw, key):
     with pytest.raises(ValueError, match=rf"trainer\.{key}"):
         check_averaging(kw.get("ema_decay"), kw.get("swa_start"))
+
+
+def test_weights_can_be_chosen():
+    net = _net()
+    avg = Averaging(net, epochs=2, ema_decay=0.9)
+    avg.after_step(net)
+    ckpt = {"model": net.state_dict(), "averaging": avg.state_dict(), "state": {"finished": True}}
+    assert averaged_weights(ckpt)[1] == "ema" and averaged_weights(ckpt, "raw")[1] == "raw"
+    with pytest.raises(ValueError, match="no SWA weights"):
+        averaged_weights(ckpt, "swa")
+    with pytest.raises(ValueError, match="weights: 'best'"):
+        averaged_weights(ckpt, "best")

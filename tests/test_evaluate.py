@@ -17,8 +17,15 @@ from imgcls.data import DeviceLoader, load_dataset
 
 CONFIG = {
     "model": {"_target_": "imgcls.models.resnet9", "_partial_": True, "width": 4, "scale_out": 0.125},
-    "data": {"name": "synthetic", "root": "data", "download": False, "path": None, "num_classes": 4,
-             "synthetic_size": [128, 64], "val_size": 32},
+    "data": {
+        "name": "synthetic",
+        "root": "data",
+        "download": False,
+        "path": None,
+        "num_classes": 4,
+        "synthetic_size": [128, 64],
+        "val_size": 32,
+    },
     "trainer": {"precision": "fp32", "tta_flip": False, "eval_batch_size": 50, "seed": 0},
 }
 
@@ -38,9 +45,20 @@ def make_checkpoint(path, config=CONFIG, steps=3):
             opt.step()
             opt.zero_grad()
             break
-    save_checkpoint({"model": model.state_dict(), "config": config, "state": {"finished": True},
-                     "data_info": {"classes": ds.classes, "mean": list(ds.mean), "std": list(ds.std),
-                                   "size": list(ds.train_images.shape[1:])}}, path)
+    save_checkpoint(
+        {
+            "model": model.state_dict(),
+            "config": config,
+            "state": {"finished": True},
+            "data_info": {
+                "classes": ds.classes,
+                "mean": list(ds.mean),
+                "std": list(ds.std),
+                "size": list(ds.train_images.shape[1:]),
+            },
+        },
+        path,
+    )
     return model, ds
 
 
@@ -101,9 +119,14 @@ def test_bad_checkpoints_and_data_exit_2_in_one_line(tmp_path, capsys, monkeypat
     assert evaluate.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err, err
-    expected = {"missing": "does not exist", "garbage": "cannot be loaded", "crafted": "weights_only",
-                "foreign_target": "model._target_ 'os.system' is not accepted", "class_mismatch": "do not match",
-                "empty_dir": "without checkpoints/best.pt"}[kind]
+    expected = {
+        "missing": "does not exist",
+        "garbage": "cannot be loaded",
+        "crafted": "weights_only",
+        "foreign_target": "model._target_ 'os.system' is not accepted",
+        "class_mismatch": "do not match",
+        "empty_dir": "without checkpoints/best.pt",
+    }[kind]
     assert expected in err
     assert not (tmp_path / "PWNED").exists()
 

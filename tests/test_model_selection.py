@@ -38,26 +38,30 @@ def assert_same_tensors(a, b, where=""):
 
 
 def evaluate_cli(*args):
-    proc = subprocess.run([sys.executable, "-m", "imgcls.evaluate", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "imgcls.evaluate", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     return proc
 
 
 def test_val_split_best_checkpoint_and_evaluate_equals_results(tmp_path):
     run = tmp_path / "run"
-    out = run_train(*SMOKE_VAL, "trainer.epochs=3", f"hydra.run.dir={run}").stdout
+    proc = run_train(*SMOKE_VAL, "trainer.progress=true", f"hydra.run.dir={run}")
+    out = proc.stdout
     assert out.count("synthetic: ") == 1, out  # the dataset line once
     assert "448 train / 64 val / 256 test" in out
+    assert "it/s]" in proc.stderr or "step/s]" in proc.stderr  # the bar...
+    assert out.count("val_acc=") == 2 and "train_loss=" not in out  # ...and a line per evaluation
     evals = [m for m in metrics(run) if "val_acc" in m]
-    assert [m["epoch"] for m in evals] == [1, 2, 3]
+    assert [m["epoch"] for m in evals] == [1, 2]
     assert not any("test_acc" in m for m in metrics(run))  # the test split is not read during training
     results = json.loads((run / "results.json").read_text())
     best = max(evals, key=lambda m: m["val_acc"])  # the first of equal ones
     assert results["best_val_acc"] == best["val_acc"] and results["best_epoch"] == best["epoch"]
     assert results["final_val_acc"] == evals[-1]["val_acc"]
     assert ckpt(run, "best.pt")["state"]["epoch"] == best["epoch"]
-    if best["epoch"] == 3:
+    if best["epoch"] == 2:
         assert results["best_ckpt_test_acc"] == results["final_test_acc"]
 
     evaluate_cli(f"checkpoint={run / 'checkpoints' / 'last.pt'}", f"out={tmp_path / 'e1'}")
@@ -71,8 +75,14 @@ def test_val_split_best_checkpoint_and_evaluate_equals_results(tmp_path):
 def _popen(run_dir, overrides):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.Popen(train_cmd(*overrides, f"hydra.run.dir={run_dir}"), cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        train_cmd(*overrides, f"hydra.run.dir={run_dir}"),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _sigterm_after(run_dir, overrides, lines: int):
@@ -90,35 +100,43 @@ def _sigterm_after(run_dir, overrides, lines: int):
 
 @pytest.mark.slow
 def test_resume_is_bit_identical_with_ema_swa_fp16_and_clipping(tmp_path):
-    common = [*SMOKE_VAL, "trainer.epochs=4", "trainer.log_every=1", "trainer.precision=fp16",
-              "trainer.grad_clip_norm=1.0", "trainer.ema_decay=0.9", "trainer.swa_start=0.5"]
+    common = [
+        *SMOKE_VAL,
+        "trainer.epochs=3",
+        "trainer.log_every=1",
+        "trainer.precision=fp16",
+        "trainer.grad_clip_norm=1.0",
+        "trainer.ema_decay=0.9",
+        "trainer.swa_start=0.5",
+    ]
     full = tmp_path / "full"
     run_train(*common, f"hydra.run.dir={full}")
     part = tmp_path / "part"
     code, out, _ = _sigterm_after(part, common, lines=13)  # inside epoch 2
     assert code == 143, out
-    assert 0 < ckpt(part)["state"]["step"] < 28
+    assert 0 < ckpt(part)["state"]["step"] < 21
     run_train(*common, f"hydra.run.dir={part}")
     assert metrics(part) == metrics(full)
     a, b = ckpt(full), ckpt(part)
     for key in ("model", "optimizer", "averaging", "scaler"):
         assert_same_tensors(a[key], b[key], key)
-    assert a["scaler"]["scale"] > 0 and int(a["averaging"]["swa"]["n_averaged"]) == 2
+    assert a["scaler"]["scale"] > 0 and int(a["averaging"]["swa"]["n_averaged"]) == 2  # epochs 2 and 3
     assert_same_tensors(ckpt(full, "best.pt")["model"], ckpt(part, "best.pt")["model"])
     results = json.loads((full / "results.json").read_text())
     assert json.loads((part / "results.json").read_text())["final_test_acc"] == results["final_test_acc"]
-    assert {"ema_val_acc", "val_acc"} <= set(metrics(full)[-1]) or any("ema_val_acc" in m for m in metrics(full))
-    assert results["weights"] == "swa"
+    final_eval = [m for m in metrics(full) if "val_acc" in m][-1]
+    assert {"val_acc", "ema_val_acc", "swa_val_acc"} <= set(final_eval)
+    assert results["weights"] == "swa" and results["final_val_acc"] == final_eval["swa_val_acc"]
 
 
 def test_second_process_on_a_run_dir_exits_2_naming_the_holder(tmp_path):
     run = tmp_path / "run"
-    first = _popen(run, [*SMOKE_VAL, "trainer.epochs=50"])
+    first = _popen(run, [*SMOKE_VAL, "trainer.epochs=1000"])
     try:
         deadline = time.time() + 120
         while time.time() < deadline and not (run / "metrics.jsonl").exists():
             time.sleep(0.05)
-        second = run_train(*SMOKE_VAL, "trainer.epochs=50", f"hydra.run.dir={run}", check=False)
+        second = run_train(*SMOKE_VAL, "trainer.epochs=1000", f"hydra.run.dir={run}", check=False)
         assert second.returncode == 2, second.stderr
         assert f"(PID {first.pid})" in second.stderr and second.stderr.count("\n") == 1
         assert (run / "metrics.jsonl").exists()  # the holder's run directory is untouched
@@ -135,14 +153,14 @@ def test_resume_path_then_the_same_command_continues_the_new_run(tmp_path):
     run_train(*SMOKE_VAL, "trainer.epochs=1", f"hydra.run.dir={first}")
     source = first / "checkpoints" / "last.pt"
     second = tmp_path / "second"
-    command = [*SMOKE_VAL, "trainer.epochs=3", "trainer.log_every=1", f"resume={source}"]
-    code, out, _ = _sigterm_after(second, command, lines=10)
+    command = [*SMOKE_VAL, "trainer.epochs=2", "trainer.log_every=1", f"resume={source}"]
+    code, out, _ = _sigterm_after(second, command, lines=4)
     assert code == 143
     step = ckpt(second)["state"]["step"]
     assert step > 7
     again = run_train(*command, f"hydra.run.dir={second}")
     assert f"continuing from {second / 'checkpoints' / 'last.pt'} (step {step})" in again.stdout
-    assert [m["step"] for m in metrics(second) if "train_loss" in m] == list(range(8, 22))
+    assert [m["step"] for m in metrics(second) if "train_loss" in m] == list(range(8, 15))
 
 
 def test_startup_failure_leaves_no_run_dir(tmp_path):
@@ -150,8 +168,3 @@ def test_startup_failure_leaves_no_run_dir(tmp_path):
     proc = run_train("data=image_folder", f"data.path={tmp_path / 'missing'}", f"hydra.run.dir={run}", check=False)
     assert proc.returncode == 2 and "data.path" in proc.stderr
     assert not run.exists()
-
-
-def test_progress_bar_shows_evaluations(tmp_path):
-    proc = run_train(*SMOKE_VAL, "trainer.epochs=1", "trainer.progress=true", f"hydra.run.dir={tmp_path / 'r'}")
-    assert "val_acc=" in proc.stdout + proc.stderr
