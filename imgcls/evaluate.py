@@ -183,11 +183,11 @@ def load_split(cfg, data_overrides: dict, split: str):
             OmegaConf.update(d, k, v, merge=False)
     ds = load_dataset(
         name=d.name,
-        root=d.root,
-        download=d.download,
-        path=d.path,
+        root=d.get("root", "data"),
+        download=d.get("download", False),
+        path=d.get("path"),
         synthetic_size=tuple(d.get("synthetic_size", (512, 256))),
-        num_classes=d.num_classes or 10,
+        num_classes=d.get("num_classes") or 10,
         seed=cfg.trainer.seed,
     )
     if split == "test":
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             {"checkpoint": None, "split": "test", "out": None, "device": "auto", "batch_size": None, "weights": "auto"},
         )
         r = evaluate_checkpoint(args)
-    except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
+    except (ValueError, FileNotFoundError, OmegaConfBaseException) as e:  # CheckpointError is a ValueError
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     print(
