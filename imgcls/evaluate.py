@@ -273,6 +273,8 @@ def confusion_png(confusion: torch.Tensor, classes: list[str], path: Path, cell:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from omegaconf.errors import OmegaConfBaseException
+
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = parse_args(
