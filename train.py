@@ -47,9 +47,10 @@ def cli() -> None:
 
 @hydra.main(config_path=str(Path(__file__).resolve().parent / "conf"), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    """Returns the best test accuracy: the objective of hparams_search sweeps."""
+    """Returns the best validation accuracy (the test accuracy without a validation split): the
+    objective of hparams_search sweeps."""
     run_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
-    with exit_cleanly():
+    with exit_cleanly(run_dir):
         return recipe(cfg, run_dir)
 
 
@@ -60,22 +61,24 @@ def recipe(cfg: DictConfig, run_dir: Path) -> float | None:
     check_writable(run_dir)                                  #    the run directory
     device = pick_device(cfg)                                #    the device
     dist, device, run_dir = join_ranks(device, run_dir)      #    torchrun: one process per device
+    lock_run_dir(run_dir, dist)                              #    one process per run directory
     seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, device)  # 2. seed
     data = load_data(cfg, device, dist)                      # 3. data (fills schedule.steps_per_epoch)
     model = build_model(cfg, data.num_classes, device)       # 4. model
     optimizer = build_optimizer(cfg, model, device)          # 5. optimizer
     scheduler = build_scheduler(cfg, optimizer)              # 6. scheduler
+    extras = build_extras(cfg, model, device, data)          #    grad scaler, averaged weights, data info
     write_config(cfg, run_dir, dist)                         #    the resolved config, beside .hydra/
-    state = resume(cfg, run_dir, model, optimizer, scheduler, dist)  # 7. resume
+    state = resume(cfg, run_dir, model, optimizer, scheduler, dist, extras)  # 7. resume
     if state.epoch >= cfg.trainer.epochs:
         print(f"run in {run_dir} already finished at step {state.step}: nothing to do")
         if not (run_dir / "results.json").exists():  # its writing failed (a full disk): once more
-            write_results(run_dir, state, device, dist)
+            write_results(cfg, run_dir, data, model, state, device, dist, extras)
         return state.best_acc
-    stop = train(cfg, run_dir, data, model, optimizer, scheduler, state, device, dist)  # 8. loop
+    stop = train(cfg, run_dir, data, model, optimizer, scheduler, state, device, dist, extras)  # 8. loop
     if stop:
         sys.exit(EXIT_SIGNAL[stop])
-    write_results(run_dir, state, device, dist)              # 9. save
+    write_results(cfg, run_dir, data, model, state, device, dist, extras)  # 9. save (and the test split)
     log_results(cfg, run_dir, state, dist)                   #    logger=mlflow: results.json, checkpoint
     distributed.shutdown(dist)
     return state.best_acc
@@ -92,9 +95,28 @@ def join_ranks(device, run_dir: Path):
     return dist, device, Path(distributed.broadcast(str(run_dir), dist))
 
 
+def lock_run_dir(run_dir: Path, dist) -> None:
+    """An OS-level lock on the run directory for this process's life (imgcls/runlock.py): a
+    second process on it (a requeued job while the old one runs) exits 2 naming the holder."""
+    from imgcls.runlock import RunLock
+
+    global _RUN_LOCK
+    if dist.is_main:
+        if _RUN_LOCK is not None:
+            _RUN_LOCK.release()  # the previous job of a multirun, in this process
+        _RUN_LOCK = RunLock(run_dir).acquire()
+
+
+_RUN_LOCK = None
+
+
 class exit_cleanly:
     """Known faults end the process with one line on stderr and a documented exit code
-    (HYDRA_FULL_ERROR=1 shows the traceback instead)."""
+    (HYDRA_FULL_ERROR=1 shows the traceback instead). A run that fails at start-up leaves no
+    empty run directory behind (imgcls.runlock.remove_if_unused: start-up files only)."""
+
+    def __init__(self, run_dir: Path | None = None):
+        self.run_dir = run_dir
 
     def __enter__(self):
         return self
@@ -116,6 +138,10 @@ class exit_cleanly:
         else:
             return False
         print(f"error: {exc}", file=sys.stderr, flush=True)
+        from imgcls.runlock import RunDirBusy, remove_if_unused
+
+        if code == EXIT_BAD_INPUT and self.run_dir is not None and not issubclass(kind, RunDirBusy):
+            remove_if_unused(self.run_dir)  # never the run directory of the process holding the lock
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
@@ -148,18 +174,26 @@ def seed_everything(seed: int, deterministic: bool, device) -> None:
 # 3. data
 # --------------------------------------------------------------------------------------
 class Data:
-    """The train and test loaders on the training device, and what the schedule needs."""
+    """The train, validation (None when data.val_size is 0) and test loaders on the training
+    device, what the schedule needs, and what a checkpoint keeps to use the model (info)."""
 
-    def __init__(self, train, test, num_classes: int, steps_per_epoch: int, description: str):
-        self.train, self.test = train, test
+    def __init__(self, train, val, test, num_classes: int, steps_per_epoch: int, description: str, info: dict):
+        self.train, self.val, self.test = train, val, test
         self.num_classes, self.steps_per_epoch = num_classes, steps_per_epoch
         self.description = description
+        self.info = info
+
+    @property
+    def eval_split(self) -> str:
+        """The split evaluated during training: val, or test when there is no validation split."""
+        return "val" if self.val is not None else "test"
 
 
 def load_data(cfg: DictConfig, device, dist) -> Data:
     import torch
 
     from imgcls.data import DeviceLoader, describe, load_dataset
+    from imgcls.splits import balanced_order, val_indices
 
     d, t = cfg.data, cfg.trainer
     ds = load_dataset(
@@ -171,29 +205,40 @@ def load_data(cfg: DictConfig, device, dist) -> Data:
         num_classes=d.num_classes or 10,
         seed=t.seed,
     )
-    if t.batch_size > len(ds.train_labels):
+    keep, held = val_indices(ds.train_labels, d.get("val_size", 0))  # stratified, from a fixed seed
+    train_images, train_labels = ds.train_images[keep], ds.train_labels[keep]
+    if t.batch_size > len(train_labels):
         raise ValueError(
-            f"trainer.batch_size: {t.batch_size} is larger than the {len(ds.train_labels)} training "
-            f"images; use at most {len(ds.train_labels)}"
+            f"trainer.batch_size: {t.batch_size} is larger than the {len(train_labels)} training "
+            f"images; use at most {len(train_labels)}"
         )
     if t.batch_size % dist.world:
         raise ValueError(f"trainer.batch_size: {t.batch_size} is not divisible by the {dist.world} ranks")
     channels_last = device.type == "cuda"  # NHWC feeds the tensor cores without transposes
     common = dict(device=device, mean=ds.mean, std=ds.std, channels_last=channels_last, dtype=torch.float32)
     train = DeviceLoader(  # trainer.batch_size is the global batch: rank r takes its images r::N
-        ds.train_images, ds.train_labels, t.batch_size, train=True, seed=t.seed, rank=dist.rank, world=dist.world,
+        train_images, train_labels, t.batch_size, train=True, seed=t.seed, rank=dist.rank, world=dist.world,
         crop_padding=d.crop_padding, flip=d.flip, alternating_flip=d.alternating_flip, **common,
     )
-    test = DeviceLoader(ds.test_images, ds.test_labels, t.eval_batch_size, train=False, drop_last=False, **common)
+    def eval_loader(images, labels):
+        if t.limit_eval_batches:  # a fixed, class-balanced subset (an image folder is sorted by class)
+            pick = balanced_order(labels)[: t.limit_eval_batches * t.eval_batch_size]
+            images, labels = images[pick], labels[pick]
+        return DeviceLoader(images, labels, t.eval_batch_size, train=False, drop_last=False, **common)
+
+    val = eval_loader(ds.train_images[held], ds.train_labels[held]) if len(held) else None
+    test = eval_loader(ds.test_images, ds.test_labels)
     steps = min(len(train), t.limit_train_batches or len(train))
     with open_dict(cfg):
         cfg.schedule.steps_per_epoch = steps
         if d.num_classes is None:
             cfg.data.num_classes = len(ds.classes)
+    description = describe(ds, val=len(held))
     if dist.is_main:
         ranks = f" x {dist.world} ranks" if dist.enabled else ""
-        print(describe(ds), f"| {steps} steps per epoch on {device}{ranks}", flush=True)
-    return Data(train, test, len(ds.classes), steps, describe(ds))
+        print(description, f"| {steps} steps per epoch on {device}{ranks}", flush=True)
+    info = {"classes": list(ds.classes), "mean": list(ds.mean), "std": list(ds.std), "size": list(ds.train_images.shape[1:])}
+    return Data(train, val, test, len(ds.classes), steps, description, info)
 
 
 # --------------------------------------------------------------------------------------
@@ -229,6 +274,33 @@ def build_scheduler(cfg: DictConfig, optimizer):
         scheduler = hydra.utils.instantiate(cfg.scheduler, _convert_="all")(optimizer)
     check_schedule_fits(scheduler, cfg)
     return scheduler
+
+
+class Extras:
+    """What a checkpoint holds besides the model, optimizer, scheduler and counters: the fp16
+    grad scaler (imgcls/precision.py), the EMA/SWA weights (imgcls/averaging.py), and the data
+    info imgcls.evaluate / imgcls.predict need (classes, mean, std, image size)."""
+
+    def __init__(self, precision: str, scaler, averaging, info: dict):
+        self.precision, self.scaler, self.averaging, self.info = precision, scaler, averaging, info
+
+    def state_dict(self) -> dict:
+        return {"scaler": self.scaler.state_dict(), "averaging": self.averaging.state_dict(), "data_info": self.info}
+
+    def load_state_dict(self, ckpt: dict, path) -> None:
+        if self.scaler.is_enabled() and ckpt.get("scaler"):  # an fp32/bf16 checkpoint has no scale
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.averaging.load_state_dict(ckpt.get("averaging") or {}, path)
+
+
+def build_extras(cfg: DictConfig, model, device, data: Data) -> Extras:
+    from imgcls.averaging import Averaging
+    from imgcls.precision import make_scaler, resolve_precision
+
+    t = cfg.trainer
+    precision = resolve_precision(t.precision, device)
+    averaging = Averaging(model, t.epochs, t.ema_decay, t.swa_start)
+    return Extras(precision, make_scaler(device, precision), averaging, data.info)
 
 
 def write_config(cfg: DictConfig, run_dir: Path, dist) -> None:
@@ -302,8 +374,13 @@ class MetricsLog:
         if self.logger is not None:
             with self._logger_writes():
                 self.logger.log({**record, **extra})
+        line = " ".join(f"{k}={_fmt(v)}" for k, v in record.items())
         if echo and not self.progress:
-            print(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()), flush=True)
+            print(line, flush=True)
+        elif echo == "always":  # an evaluation: a line above the bar (the bar shows loss and lr)
+            from tqdm import tqdm
+
+            tqdm.write(line)
 
     def _logger_writes(self):
         """A logger's OSError (disk full, read-only) as a WriteFault naming its file."""
@@ -353,19 +430,20 @@ def _fmt(v):
     return f"{v:.4g}" if isinstance(v, float) else v
 
 
-def train(cfg, run_dir, data: Data, model, optimizer, scheduler, state: State, device, dist) -> str | None:
+def train(cfg, run_dir, data: Data, model, optimizer, scheduler, state: State, device, dist, extras: Extras) -> str | None:
     """The loop. Returns the name of the signal that stopped it, or None when it finished."""
     from imgcls.checkpoint import checkpoint_due
 
-    loop = Loop(cfg, run_dir, data, model, optimizer, scheduler, state, device, dist)
+    loop = Loop(cfg, run_dir, data, model, optimizer, scheduler, state, device, dist, extras)
     with StopRequest() as stop, Reporter(loop) as report:
         for epoch in range(state.epoch, cfg.trainer.epochs):
             stopped = run_epoch(loop, report, epoch, stop)  # True: stopped at a step boundary
             if not stopped:
                 end_epoch(loop, report, epoch)
                 stopped = stop.requested(loop, epoch_end=True)
-            if stopped or checkpoint_due(cfg.trainer, state):
-                loop.checkpoint()
+            due = stopped or checkpoint_due(cfg.trainer, state)
+            if due or loop.improved:  # best.pt: the best validation accuracy so far
+                loop.checkpoint(last=due, best=loop.improved)
             if stopped:
                 print(f"{stop.signal}: checkpoint saved at step {state.step}; exiting", flush=True)
                 return stop.signal
@@ -376,16 +454,21 @@ class Loop:
     """What the loop works with, built once: the wrapped net (DDP, torch.compile), precision,
     the loss, when the scheduler steps, and the training loss summed on the device."""
 
-    def __init__(self, cfg, run_dir, data: Data, model, optimizer, scheduler, state: State, device, dist):
+    def __init__(self, cfg, run_dir, data: Data, model, optimizer, scheduler, state: State, device, dist,
+                 extras: Extras):
         import torch
 
         from imgcls.config import SchedulerStepper
 
         self.cfg, self.t, self.run_dir, self.data = cfg, cfg.trainer, run_dir, data
         self.model, self.optimizer, self.scheduler, self.state = model, optimizer, scheduler, state
-        self.device, self.dist = device, dist
+        self.device, self.dist, self.extras = device, dist, extras
         self.stepper = SchedulerStepper(scheduler, optimizer, cfg.schedule.interval)
-        self.bf16 = self.t.precision == "bf16" or (self.t.precision == "auto" and device.type == "cuda")
+        self.precision, self.averaging = extras.precision, extras.averaging  # fp32 | bf16 | fp16; EMA/SWA
+        self.split = data.eval_split  # val, or test when data.val_size is 0
+        # "best": the EMA weights' accuracy when EMA is on (they are the weights reported), else the raw ones'
+        self.monitor = f"ema_{self.split}_acc" if self.averaging.ema is not None else f"{self.split}_acc"
+        self.improved = False  # the epoch's evaluation beat the best so far (best.pt is due)
         self.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=self.t.label_smoothing)
         self.net = model
         if dist.enabled:  # gradients averaged over ranks during backward
@@ -400,10 +483,13 @@ class Loop:
         """One optimizer step, its counters, and the scheduler step due after it."""
         import torch
 
-        loss = train_step(self.net, self.optimizer, self.loss_fn, x, y, self.bf16, self.t.skip_nonfinite)
+        loss = train_step(self.net, self.optimizer, self.loss_fn, x, y, self.precision, self.t.skip_nonfinite,
+                          self.extras.scaler, self.t.grad_clip_norm)
         if loss is None:
             self.state.skipped_steps += 1
             loss = torch.zeros((), device=self.device)
+        else:
+            self.averaging.after_step(self.model)
         self.loss_sum += loss.float()
         self.state.loss_count += 1
         self.state.step += 1
@@ -435,19 +521,32 @@ class Loop:
         self.state.loss_sum = 0.0
         return value
 
-    def evaluate(self) -> dict:
-        """Under torchrun rank 0 evaluates the model without its DDP wrapper (a DDP forward on
+    def evaluate(self, finishing: bool = False) -> dict:
+        """The evaluated split (val, else test) with the raw weights, and with the EMA weights
+        (and the SWA weights when finishing) when on: keys val_acc, ema_val_acc, swa_val_acc...
+        Under torchrun rank 0 evaluates the model without its DDP wrapper (a DDP forward on
         one rank alone would wait for the others); every rank gets the numbers."""
         net = self.model if self.dist.enabled else self.net
-        result = evaluate(net, self.data.test, self.t, self.device, self.bf16, self.loss_fn) if self.dist.is_main else None
+        loader = self.data.val if self.data.val is not None else self.data.test
+        result = None
+        if self.dist.is_main:
+            result = evaluate(net, loader, self.t, self.device, self.precision, self.loss_fn, prefix=self.split)
+            for name in ("ema", "swa") if finishing else ("ema",):
+                averaged = getattr(self.averaging, name)
+                if averaged is not None:
+                    prefix = f"{name}_{self.split}"
+                    result.update(evaluate(averaged, loader, self.t, self.device, self.precision, self.loss_fn, prefix))
         return distributed.broadcast(result, self.dist)
 
-    def checkpoint(self) -> None:
-        """Save at a step boundary; the partial training-loss sum goes with it."""
+    def checkpoint(self, last: bool = True, best: bool = False) -> None:
+        """Save at a step boundary (last.pt, and best.pt when asked); the partial training-loss
+        sum goes with it."""
         from imgcls.checkpoint import save
 
         self.state.loss_sum = self.read_loss()
-        save(self.cfg, self.run_dir, self.model, self.optimizer, self.scheduler, self.state, self.dist)
+        save(self.cfg, self.run_dir, self.model, self.optimizer, self.scheduler, self.state, self.dist,
+             self.extras.state_dict(), last=last, best=best)
+        self.improved = False
 
 
 def run_epoch(loop: Loop, report, epoch: int, stop) -> bool:
@@ -476,15 +575,20 @@ def end_epoch(loop: Loop, report, epoch: int) -> None:
     state, t = loop.state, loop.t
     state.batch, state.epoch = 0, epoch + 1
     last = epoch + 1 == t.epochs
+    loop.averaging.after_epoch(loop.model, epoch)  # SWA averages at epoch ends
+    if last:
+        loop.averaging.finish(loop.data.train.epoch_batches(t.epochs))  # SWA's BatchNorm statistics, once
     evaluated = last or (epoch + 1) % t.eval_every == 0
     if evaluated:
-        state.last_eval = loop.evaluate()
-        acc = state.last_eval["test_acc"]
-        state.best_acc = acc if state.best_acc is None else max(state.best_acc, acc)
-    loop.stepper.after_epoch(state.last_eval["test_loss"] if state.last_eval else None)
+        state.last_eval = loop.evaluate(finishing=last)
+        acc = state.last_eval[loop.monitor]
+        if state.best_acc is None or acc > state.best_acc:
+            state.best_acc, state.best_epoch = acc, epoch + 1
+            loop.improved = loop.data.val is not None  # best.pt is selected on the validation split only
+    loop.stepper.after_epoch(state.last_eval[f"{loop.split}_loss"] if state.last_eval else None)
     report.flush(loop)  # the epoch's last train line: its lr is the one after this epoch's step
     if evaluated:
-        report.write({"step": state.step, "epoch": epoch + 1, **state.last_eval})
+        report.write({"step": state.step, "epoch": epoch + 1, **state.last_eval}, echo="always")
     state.finished = last
 
 
@@ -531,45 +635,43 @@ class Reporter:
         self.write(record, images_per_second=speed)
         self.bar and self.bar.set_postfix(loss=f"{record['train_loss']:.3f}", lr=f"{record['lr'][0]:.3g}")
 
-    def write(self, record: dict, **extra) -> None:
-        self.log.write(record, echo=True, **extra)
+    def write(self, record: dict, echo: bool | str = True, **extra) -> None:
+        """echo="always": shown with the progress bar on too (evaluations)."""
+        self.log.write(record, echo=echo, **extra)
 
 
-def train_step(net, optimizer, loss_fn, x, y, bf16: bool, skip_nonfinite: bool = False):
+def train_step(net, optimizer, loss_fn, x, y, precision, skip_nonfinite: bool = False, scaler=None,
+               clip_norm: float | None = None):
     """One optimizer step on batch (x, y); the detached loss, or None if it was NaN/inf and
     skip_nonfinite is set (that check is a host sync per step, hence opt-in).
+    precision: fp32 | bf16 | fp16 (a bool: bf16 or fp32); fp16 takes the GradScaler ``scaler``;
+    clip_norm clips the total gradient norm, unscaled first (imgcls/precision.py).
     Also what `make bench` times (benchmarks/bench_train.py)."""
     import torch
 
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+    from imgcls.precision import autocast, make_scaler, optimizer_step
+
+    precision = _precision(precision)
+    with autocast(x.device, precision):
         loss = loss_fn(net(x), y)
     if skip_nonfinite and not torch.isfinite(loss):
         return None
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer_step(loss, optimizer, scaler if scaler is not None else make_scaler(x.device, "fp32"), clip_norm)
     return loss.detach()
 
 
-def evaluate(net, loader, t, device, bf16: bool, loss_fn) -> dict:
-    """Test loss and accuracy (flip TTA if trainer.tta_flip), summed on the device, read once."""
-    import torch
+def _precision(p) -> str:
+    return ("bf16" if p else "fp32") if isinstance(p, bool) else p
 
-    net.eval()
-    loss = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    n = 0
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        for i, (x, y) in enumerate(loader.epoch_batches(0)):
-            if t.limit_eval_batches and i >= t.limit_eval_batches:
-                break
-            logits = net(x).float()
-            if t.tta_flip:
-                logits = (logits + net(x.flip(-1)).float()) / 2
-            loss += torch.nn.functional.cross_entropy(logits, y, reduction="sum")
-            correct += (logits.argmax(1) == y).sum()
-            n += len(y)
-    return {"test_loss": loss.item() / n, "test_acc": correct.item() / n}
+
+def evaluate(net, loader, t, device, precision, loss_fn, prefix: str = "test") -> dict:
+    """Loss and accuracy on ``loader`` (flip TTA if trainer.tta_flip), summed on the device and
+    read once, by imgcls.evaluate.run_eval: the code `python -m imgcls.evaluate` runs.
+    trainer.limit_eval_batches is applied by load_data (a fixed, class-balanced subset)."""
+    from imgcls.evaluate import run_eval
+
+    r = run_eval(net, loader.epoch_batches(0), device, _precision(precision), t.tta_flip)
+    return {f"{prefix}_loss": r["loss"], f"{prefix}_acc": r["acc"]}
 
 
 def _sync(device) -> None:
@@ -596,15 +698,53 @@ def _bar(enabled: bool, total: int, initial: int):
 # --------------------------------------------------------------------------------------
 # 9. save
 # --------------------------------------------------------------------------------------
-def write_results(run_dir: Path, state: State, device, dist) -> None:
+def final_test(cfg, run_dir: Path, data: Data, model, state: State, device, extras: Extras) -> dict:
+    """The test split, read once, at the end: the final weights (SWA, else EMA, else raw: what
+    `python -m imgcls.evaluate` takes from the checkpoint), and best.pt's when it is another
+    epoch. Without a validation split the last evaluation already read the test split."""
+    import copy
+
+    from imgcls.averaging import averaged_weights
+    from imgcls.checkpoint import best_path, load_checkpoint, unwrap_model
+
+    plain = unwrap_model(model)
+    weights, which = averaged_weights(
+        {"model": plain.state_dict(), "averaging": extras.averaging.state_dict(), "state": {"finished": True}})
+    if data.val is None:
+        pfx = "" if which == "raw" else f"{which}_"
+        return {"final_test_acc": state.last_eval[f"{pfx}test_acc"],
+                "final_test_loss": state.last_eval[f"{pfx}test_loss"], "best_test_acc": state.best_acc, "weights": which}
+    net = copy.deepcopy(plain)
+    net.load_state_dict(weights)
+    final = evaluate(net, data.test, cfg.trainer, device, extras.precision, None)
+    out = {"final_test_acc": final["test_acc"], "final_test_loss": final["test_loss"], "weights": which}
+    best = best_path(run_dir)
+    if state.best_epoch == state.epoch or not best.exists():
+        out["best_ckpt_test_acc"] = final["test_acc"]
+    else:
+        net.load_state_dict(averaged_weights(load_checkpoint(best))[0])
+        out["best_ckpt_test_acc"] = evaluate(net, data.test, cfg.trainer, device, extras.precision, None)["test_acc"]
+    return out
+
+
+def _pfx(record: dict) -> str:
+    """The key prefix of the weights a final evaluation reports: swa_, ema_ or none (raw)."""
+    return next((p for p in ("swa_", "ema_") if any(k.startswith(p) for k in record)), "")
+
+
+def write_results(cfg, run_dir: Path, data: Data, model, state: State, device, dist, extras: Extras) -> None:
     import torch
 
     if not dist.is_main:
         return
+    last = state.last_eval or {}
+    val = {}
+    if data.val is not None:  # "best" and "final" of the weights below (EMA/SWA when on)
+        val = {"best_val_acc": state.best_acc, "best_epoch": state.best_epoch,
+               "final_val_acc": last.get(f"{_pfx(last)}val_acc"), "final_val_loss": last.get(f"{_pfx(last)}val_loss")}
     results = {
-        "final_test_acc": state.last_eval["test_acc"] if state.last_eval else None,
-        "best_test_acc": state.best_acc,
-        "final_test_loss": state.last_eval["test_loss"] if state.last_eval else None,
+        **val,
+        **final_test(cfg, run_dir, data, model, state, device, extras),
         "steps": state.step,
         "skipped_steps": state.skipped_steps,
         "train_seconds": round(state.train_seconds, 3),  # the training loop only, evaluation excluded
@@ -618,7 +758,8 @@ def write_results(run_dir: Path, state: State, device, dist) -> None:
     write_text_atomic(run_dir / "results.json", json.dumps(results, indent=2) + "\n", "the results",
                       "the last checkpoint is intact (the same command writes them again)")
     acc = results["final_test_acc"]
-    print(f"done: test accuracy {acc if acc is None else f'{acc:.4f}'}, results in {run_dir / 'results.json'}", flush=True)
+    print(f"done: test accuracy {acc if acc is None else f'{acc:.4f}'} ({results['weights']} weights), "
+          f"results in {run_dir / 'results.json'}", flush=True)
 
 
 _PROCESS_START = time.time()

@@ -328,8 +328,10 @@ class State:
         self.epoch = 0           # epoch in progress
         self.batch = 0           # next batch of that epoch
         self.finished = False
-        self.best_acc = None     # best test accuracy so far
-        self.last_eval = None    # {"test_loss", "test_acc"} of the latest evaluation
+        self.best_acc = None     # best accuracy so far on the evaluated split (val, else test)
+        self.best_epoch = None   # ...after this many epochs (checkpoints/best.pt, with a val split)
+        self.last_eval = None    # {"val_loss", "val_acc", ...} of the latest evaluation
+        self.run_id = None       # made at a fresh start, kept by every resume (see newer_in_run_dir)
         self.loss_sum = 0.0      # training loss summed since the last log line...
         self.loss_count = 0      # ...over this many steps
         self.train_seconds = 0.0
@@ -350,24 +352,28 @@ def checkpoint_path(run_dir: Path) -> Path:
     return run_dir / "checkpoints" / "last.pt"
 
 
-def resume(cfg: DictConfig, run_dir: Path, model, optimizer, scheduler, dist) -> State:
+def best_path(run_dir: Path) -> Path:
+    return run_dir / "checkpoints" / "best.pt"
+
+
+def resume(cfg: DictConfig, run_dir: Path, model, optimizer, scheduler, dist, extras=None) -> State:
+    """``extras``: what else the checkpoint restores (train.py's Extras: the grad scaler and the
+    averaged weights), with ``load_state_dict(ckpt, path)``."""
     from imgcls.config import check_resume_config
 
     state = State()
     metrics = run_dir / "metrics.jsonl"
     if cfg.resume == "never":
-        fresh_start(metrics, dist)
-        return state
+        return fresh_start(metrics, dist, state)
     if cfg.resume == "auto":
         found = find_resumable(checkpoint_path(run_dir), cfg.trainer.keep_checkpoints)
         if found is None:
-            fresh_start(metrics, dist)
-            return state
+            return fresh_start(metrics, dist, state)
         ckpt, path = found
         set_aside_unreadable(checkpoint_path(run_dir), path, dist)
     else:
         path = Path(cfg.resume).expanduser()
-        ckpt = load_checkpoint(path)
+        ckpt, path = newer_in_run_dir(cfg, run_dir, load_checkpoint(path), path, dist)
     check_resume_config(ckpt, cfg, path)
     try:
         model.load_state_dict(ckpt["model"])
@@ -375,6 +381,8 @@ def resume(cfg: DictConfig, run_dir: Path, model, optimizer, scheduler, dist) ->
         scheduler.load_state_dict(ckpt["scheduler"])
     except (KeyError, RuntimeError, ValueError) as e:
         raise ValueError(f"resume: checkpoint {path} does not fit this model/optimizer/scheduler: {e}") from e
+    if extras is not None:
+        extras.load_state_dict(ckpt, path)
     set_rng_state(ckpt["rng"])
     state.load(ckpt["state"])
     if dist.is_main:
@@ -387,10 +395,36 @@ def resume(cfg: DictConfig, run_dir: Path, model, optimizer, scheduler, dist) ->
     return state
 
 
-def fresh_start(metrics: Path, dist) -> None:
-    """Starting from step 0: drop what a run killed before its first checkpoint logged."""
+def fresh_start(metrics: Path, dist, state: State | None = None) -> State:
+    """Starting from step 0: drop what a run killed before its first checkpoint logged; a new
+    run id (the same on every rank)."""
+    import uuid
+
     if dist.is_main:
         trim_metrics(metrics, 0)
+    state = state if state is not None else State()
+    state.run_id = distributed.broadcast(uuid.uuid4().hex, dist)
+    return state
+
+
+def newer_in_run_dir(cfg: DictConfig, run_dir: Path, ckpt: dict, path: Path, dist) -> tuple[dict, Path]:
+    """resume=PATH run again in the same run directory (a stopped `resume=PATH
+    hydra.run.dir=run2`, repeated): continue from run2's own newer checkpoint of the same run
+    (the same run id, more steps), saying so, instead of from PATH again. (ckpt, path)."""
+    own = checkpoint_path(run_dir)
+    if not own.exists() or own.resolve() == path.resolve():
+        return ckpt, path
+    found = find_resumable(own, cfg.trainer.keep_checkpoints)
+    if found is None:
+        return ckpt, path
+    mine, mine_path = found
+    run_id = (ckpt.get("state") or {}).get("run_id")
+    if run_id is None or mine["state"].get("run_id") != run_id or mine["state"]["step"] <= ckpt["state"]["step"]:
+        return ckpt, path
+    print(f"resume: {run_dir} holds a newer checkpoint of the run {path} belongs to: continuing from "
+          f"{mine_path} (step {mine['state']['step']}), not {path} (step {ckpt['state']['step']})", flush=True)
+    set_aside_unreadable(own, mine_path, dist)
+    return mine, mine_path
 
 
 def set_aside_unreadable(last: Path, resumed_from: Path, dist) -> None:
@@ -411,13 +445,16 @@ def trim_metrics(path: Path, step: int) -> None:
         print(f"{path}: dropped its torn last line {torn!r} (a kill or a full disk in mid-write)", flush=True)
 
 
-def save(cfg: DictConfig, run_dir: Path, model, optimizer, scheduler, state: State, dist) -> None:
-    """Rank 0 writes (every rank holds the same weights); the others wait for it."""
+def save(cfg: DictConfig, run_dir: Path, model, optimizer, scheduler, state: State, dist, extra: dict | None = None,
+         last: bool = True, best: bool = False) -> None:
+    """Rank 0 writes (every rank holds the same weights); the others wait for it.
+    ``extra``: more entries (grad scaler, averaged weights, data info); ``last``: last.pt (with its
+    backups); ``best``: best.pt (the best validation accuracy so far)."""
     if not dist.is_main:
         distributed.barrier(dist)
         return
     try:
-        _save(cfg, run_dir, model, optimizer, scheduler, state)
+        _save(cfg, run_dir, model, optimizer, scheduler, state, extra or {}, last, best)
     except OSError as e:
         raise CheckpointWriteError(e.strerror or str(e), checkpoint_path(run_dir), e.errno) from e
     distributed.barrier(dist)
@@ -427,20 +464,22 @@ class CheckpointWriteError(WriteFault):
     """A checkpoint could not be written (disk full, read-only...); the previous one is intact."""
 
 
-def _save(cfg: DictConfig, run_dir: Path, model, optimizer, scheduler, state: State) -> None:
-    save_checkpoint(
-        {
-            "model": unwrap_model(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "state": state.to_dict(),
-            "rng": rng_state(),
-            "config": OmegaConf.to_container(cfg, resolve=True),
-            "config_unresolved": OmegaConf.to_container(cfg, resolve=False),
-        },
-        checkpoint_path(run_dir),
-        keep=cfg.trainer.keep_checkpoints,
-    )
+def _save(cfg: DictConfig, run_dir: Path, model, optimizer, scheduler, state: State, extra: dict, last: bool,
+          best: bool) -> None:
+    ckpt = {
+        "model": unwrap_model(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "state": state.to_dict(),
+        "rng": rng_state(),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config_unresolved": OmegaConf.to_container(cfg, resolve=False),
+        **extra,
+    }
+    if last:
+        save_checkpoint(ckpt, checkpoint_path(run_dir), keep=cfg.trainer.keep_checkpoints)
+    if best:
+        save_checkpoint(ckpt, best_path(run_dir))
 
 
 def checkpoint_due(t, state: State) -> bool:

@@ -415,7 +415,7 @@ def fill_steps_per_epoch(cfg: DictConfig, given: int | None = None) -> str:
 # Start-up validation: every bad value fails here, before any data is read or step taken.
 # --------------------------------------------------------------------------------------
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def _int_at_least(cfg: DictConfig, key: str, low: int, optional: bool = False) -> None:
@@ -466,6 +466,13 @@ def validate_config(cfg: DictConfig) -> None:
     _one_of(cfg, "schedule.interval", INTERVALS)
     data_schema = _schema_of(cfg, "data")
     _one_of(cfg, "data.name", data_schema.NAMES if data_schema is not None else DATASET_NAMES)
+    from imgcls.averaging import check_averaging
+    from imgcls.precision import check_clip
+    from imgcls.splits import val_count
+
+    check_clip(cfg.trainer.get("grad_clip_norm"))
+    check_averaging(cfg.trainer.get("ema_decay"), cfg.trainer.get("swa_start"))
+    val_count(cfg.data.get("val_size", 0), 1 << 62)  # its type here; its size against the data in train.py
     lr = OmegaConf.select(cfg, "optimizer.lr")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or lr != lr or lr == float("inf"):
         raise ValueError(f"optimizer.lr: {lr!r} is not accepted; expected a finite number > 0")

@@ -651,16 +651,18 @@ def load_dataset(name: str, root: str, download: bool = False, path: str | None 
     else:
         root_p.mkdir(parents=True, exist_ok=True)
         ds = _load_image_folder(root_p, path)
-    log.info("%s", describe(ds))
+    log.debug("%s", describe(ds))  # train.py prints it once, with the validation split
     return ds
 
 
-def describe(ds: Dataset) -> str:
-    """One line: name, split sizes, image size, class count and names, source path."""
+def describe(ds: Dataset, val: int = 0) -> str:
+    """One line: name, split sizes (``val`` images held out of train), image size, class count
+    and names, source path."""
     c, h, w = ds.train_images.shape[1:]
     names = ", ".join(ds.classes[:10]) + (", ..." if len(ds.classes) > 10 else "")
     src = f" from {ds.source}" if ds.source else ""
-    return (f"{ds.name or 'dataset'}: {ds.train_images.shape[0]} train / {ds.test_images.shape[0]} "
+    held = f"{val} val / " if val else ""
+    return (f"{ds.name or 'dataset'}: {ds.train_images.shape[0] - val} train / {held}{ds.test_images.shape[0]} "
             f"test images, {c}x{h}x{w} uint8, {len(ds.classes)} classes ({names}){src}")
 
 

@@ -25,7 +25,10 @@ class TrainerConfig:
     batch_size: int = 512             # images per optimizer step (all ranks together)
     eval_batch_size: int = 1024
     device: str = "auto"              # auto | cpu | cuda
-    precision: str = "auto"           # auto | fp32 | bf16
+    precision: str = "auto"           # auto | fp32 | bf16 | fp16
+    grad_clip_norm: Optional[float] = None  # max total gradient L2 norm; None: off
+    ema_decay: Optional[float] = None  # EMA of the weights per step, in (0, 1); None: off
+    swa_start: Optional[float] = None  # SWA from this fraction of the run, in [0, 1); None: off
     compile: bool = False
     deterministic: bool = False
     label_smoothing: float = 0.2
@@ -63,6 +66,7 @@ class CifarData(Augmentation):
     name: str = "cifar10"             # cifar10 | cifar100
     root: str = "data"
     download: bool = True
+    val_size: Any = 5000              # validation images held out of train (an int) or a fraction; 0: off
     num_classes: int = 10
 
 
@@ -72,6 +76,7 @@ class ImageFolderData(Augmentation):
     name: str = "image_folder"
     root: str = "data"
     path: str = MISSING               # the folder (or archive) with train/<class>/*, test/<class>/*
+    val_size: Any = 0.1               # validation split: a fraction of train (or a number of images); 0: off
     num_classes: Optional[int] = None  # taken from the class folders
 
 
@@ -79,6 +84,7 @@ class ImageFolderData(Augmentation):
 class SyntheticData(Augmentation):
     NAMES: ClassVar[tuple] = ("synthetic",)
     name: str = "synthetic"
+    val_size: Any = 0                 # no validation split by default (smoke runs)
     num_classes: int = 10
     synthetic_size: List[int] = field(default_factory=lambda: [512, 256])  # [train, test] images
 

@@ -3,11 +3,18 @@
 Each job writes ``status.json`` into its own directory when it ends (in whatever process the
 launcher ran it), and at the end of the multirun the callback reads every job directory of
 the sweep and writes ``summary.csv`` and ``summary.md`` there, and prints the table. A failed
-job is listed as failed, with its error; it does not stop the others.
+job is listed as failed, with its error; it does not stop the others. Hydra then ends the
+multirun with the failed job's error (exit code 1) and never calls ``on_multirun_end``: the table
+is printed at exit instead, after Hydra's message, so a sweep always ends with its table.
+
+Columns say which split a number comes from: ``*_val_acc`` on the validation split (``data.val_size``),
+``*_test_acc`` on the test split (read once, at the end of each job; ``best_test_acc`` exists only
+for runs without a validation split, where "best" was selected on the test split).
 """
 
 from __future__ import annotations
 
+import atexit
 import csv
 import io
 import json
@@ -22,7 +29,8 @@ from imgcls.io import WriteFault, write_text_atomic
 
 EXIT_WRITE_FAULT = 4  # as train.py: a file could not be written (disk full, read-only)
 
-COLUMNS = ("job", "overrides", "status", "final_test_acc", "best_test_acc", "train_seconds", "error")
+COLUMNS = ("job", "overrides", "status", "best_val_acc", "final_val_acc", "final_test_acc", "best_ckpt_test_acc",
+           "best_test_acc", "train_seconds", "error")
 
 
 def _exit_on_write_fault(method):
@@ -43,6 +51,10 @@ def _exit_on_write_fault(method):
 
 
 class SweepSummary(Callback):
+    def __init__(self) -> None:
+        self._printed = False
+        self._atexit_for = None
+
     @_exit_on_write_fault
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         if str(config.hydra.mode) != "RunMode.MULTIRUN":
@@ -58,15 +70,31 @@ class SweepSummary(Callback):
         write_text_atomic(run_dir / "status.json", json.dumps(status) + "\n", "the job status")
         # Refreshed after every job: Hydra's basic sweeper re-raises a failed job's error once
         # all jobs ran, and then on_multirun_end is never called.
-        write_summary(Path(config.hydra.sweep.dir), summarize(Path(config.hydra.sweep.dir)))
+        sweep_dir = Path(config.hydra.sweep.dir)
+        write_summary(sweep_dir, summarize(sweep_dir))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # registered in the launching process (with joblib, jobs end in worker processes)
+        self._atexit_for = Path(config.hydra.sweep.dir)
+        atexit.register(self._print_at_exit)
 
     @_exit_on_write_fault
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
+        self._print(Path(config.hydra.sweep.dir))
+
+    def _print_at_exit(self) -> None:
+        # Hydra raised a failed job's error, so on_multirun_end never ran
+        if not self._printed and self._atexit_for is not None and self._atexit_for.is_dir():
+            self._print(self._atexit_for)
+
+    def _print(self, sweep_dir: Path) -> None:
         rows = summarize(sweep_dir)
         write_summary(sweep_dir, rows)
-        print(markdown_table(rows))
-        print(f"sweep summary: {sweep_dir / 'summary.csv'} and {sweep_dir / 'summary.md'}")
+        print(markdown_table(rows), flush=True)
+        failed = sum(r["status"] == "failed" for r in rows)
+        print(f"sweep summary: {sweep_dir / 'summary.csv'} and {sweep_dir / 'summary.md'}"
+              + (f" ({failed} of {len(rows)} jobs failed)" if failed else ""), flush=True)
+        self._printed = True
 
 
 def summarize(sweep_dir: Path) -> list[dict]:
@@ -79,8 +107,7 @@ def summarize(sweep_dir: Path) -> list[dict]:
             "job": job.name,
             "overrides": " ".join(status["overrides"]),
             "status": status["status"],
-            "final_test_acc": results.get("final_test_acc"),
-            "best_test_acc": results.get("best_test_acc"),
+            **{c: results.get(c) for c in COLUMNS if c.endswith("_acc")},
             "train_seconds": results.get("train_seconds"),
             "error": status["error"].splitlines()[0] if status["error"] else "",
         })

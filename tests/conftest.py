@@ -24,10 +24,11 @@ SHARED_JPG = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 
 TIERS = {
     "unit": ("test_sequential", "test_sequential_properties", "test_checkpoint", "test_conf", "test_data",
-             "test_models", "test_schema", "sequential"),
-    "integration": ("test_bad_input",),
+             "test_models", "test_schema", "sequential", "test_splits", "test_averaging", "test_precision"),
+    "integration": ("test_bad_input", "test_evaluate"),
     "system": ("test_train", "test_faults", "test_faults_disk", "test_distributed", "test_sweeps", "test_loggers",
-               "test_preview", "test_timm", "test_gpu", "test_bench_train", "test_import_sched"),
+               "test_preview", "test_timm", "test_gpu", "test_bench_train", "test_import_sched", "test_runlock",
+               "test_model_selection"),
 }
 
 

@@ -102,6 +102,8 @@ def test_swa_option_anneals_from_where_the_cosine_left_off():
     assert lrs[75] == pytest.approx(lrs[74]) and lrs[74] == pytest.approx(peak * (1 + math.cos(math.pi * 0.74)) / 2)
     assert max(abs(a - b) for a, b in zip(lrs, lrs[1:])) < 0.05 * peak  # smooth everywhere
     assert lrs[80:] == pytest.approx([0.05 * peak] * 20)
+
+
 MODELS = [o for g, o in OPTIONS if g == "model"]
 
 

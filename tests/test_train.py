@@ -168,7 +168,8 @@ def test_multirun_sweep(tmp_path):
         combos.add(tuple(x for x in ("warmup_exp", "warmup_cosine", "lr=0.1", "lr=0.05") if x in overrides))
     assert len(combos) == 4
     summary = (sweep / "summary.csv").read_text().splitlines()
-    assert summary[0] == "job,overrides,status,final_test_acc,best_test_acc,train_seconds,error"
+    assert summary[0] == ("job,overrides,status,best_val_acc,final_val_acc,final_test_acc,best_ckpt_test_acc,"
+                          "best_test_acc,train_seconds,error")
     assert len(summary) == 5 and all(",completed," in row for row in summary[1:])
     assert (sweep / "summary.md").read_text().startswith("| job | overrides | status |")
 
@@ -178,6 +179,9 @@ def test_a_failed_sweep_job_is_listed_and_does_not_stop_the_others(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_train("-m", *SMOKE, "trainer.epochs=1", "optimizer.lr=-1,0.1", f"hydra.sweep.dir={sweep}", check=False)
     assert proc.returncode == 1  # Hydra reports the failed job once all jobs have run
+    table = proc.stdout[proc.stdout.index("| job | overrides | status |"):]  # printed at the end
+    failed_row = next(line for line in table.splitlines() if line.startswith("| 0 |"))
+    assert "optimizer.lr=-1" in failed_row and "| failed |" in failed_row and "(1 of 2 jobs failed)" in table
     rows = (sweep / "summary.csv").read_text().splitlines()[1:]
     assert rows[0].startswith("0,") and ",failed," in rows[0] and "optimizer.lr: -1 is not accepted" in rows[0]
     assert rows[1].startswith("1,") and ",completed," in rows[1]

@@ -1,0 +1,300 @@
+"""Evaluate a checkpoint: loss, accuracy, per-class accuracy and a confusion matrix.
+
+    python -m imgcls.evaluate checkpoint=outputs/run1              # its best.pt (else last.pt), test split
+    python -m imgcls.evaluate checkpoint=outputs/run1/checkpoints/last.pt split=val
+    python -m imgcls.evaluate checkpoint=outputs/run1 data.path=/other/folder   # same classes
+    python -m imgcls.evaluate checkpoint=outputs/run1 weights=raw     # not the EMA/SWA weights
+
+The model is rebuilt from the config saved in the checkpoint (no overrides needed); ``data.*``
+overrides change where the images come from. Writes ``metrics.json``, ``confusion.csv`` and
+``confusion.png`` into ``out=`` (default ``<run dir>/eval/<checkpoint>-<split>/``). The
+checkpoint is loaded with ``weights_only=True``: a crafted file cannot run code, and the
+model's ``_target_`` must be a function of ``imgcls.models``.
+
+``run_eval`` is also what train.py evaluates with, so the accuracy printed here for a run's
+final checkpoint is the test accuracy of its ``results.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from imgcls.checkpoint import CheckpointError, load_checkpoint
+
+EXIT_BAD_INPUT = 2
+MODEL_PREFIX = "imgcls.models."  # the only model builders a checkpoint may name
+
+
+# --------------------------------------------------------------------------------------
+# the evaluation loop (shared with train.py)
+# --------------------------------------------------------------------------------------
+def run_eval(net, batches, device, precision: str, tta_flip: bool, num_classes: int | None = None) -> dict:
+    """Loss and accuracy of ``net`` over ``batches`` (an iterable of (x, y)), summed on the device
+    and read once. ``num_classes``: also the confusion matrix (rows: true class, columns:
+    predicted), an int64 tensor. Flip TTA averages the logits of each image and its mirror."""
+    from imgcls.precision import autocast
+
+    net.eval()
+    loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    confusion = torch.zeros(num_classes * num_classes if num_classes else 1, device=device, dtype=torch.long)
+    n = 0
+    with torch.no_grad(), autocast(device, precision):
+        for x, y in batches:
+            logits = net(x).float()
+            if tta_flip:
+                logits = (logits + net(x.flip(-1)).float()) / 2
+            loss += torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+            pred = logits.argmax(1)
+            correct += (pred == y).sum()
+            if num_classes:
+                confusion += torch.bincount(y * num_classes + pred, minlength=num_classes * num_classes)
+            n += len(y)
+    out = {"loss": loss.item() / n, "acc": correct.item() / n, "n": n}
+    if num_classes:
+        out["confusion"] = confusion.view(num_classes, num_classes).cpu()
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# checkpoint -> model
+# --------------------------------------------------------------------------------------
+def resolve_checkpoint(arg) -> Path:
+    """A checkpoint file, or a run directory (its checkpoints/best.pt, else checkpoints/last.pt),
+    or a checkpoints/ directory (best.pt, else last.pt)."""
+    if arg is None or str(arg) == "":
+        raise ValueError("checkpoint: missing; give checkpoint=PATH (a checkpoint file or a run directory)")
+    p = Path(str(arg)).expanduser()
+    if p.is_dir():
+        for d in (p / "checkpoints", p):
+            for name in ("best.pt", "last.pt"):
+                if (d / name).is_file():
+                    return d / name
+        raise ValueError(
+            f"checkpoint: {p} is a directory without checkpoints/best.pt or checkpoints/last.pt; "
+            f"give a run directory of train.py or a checkpoint file"
+        )
+    if not p.exists():
+        raise ValueError(f"checkpoint: {p} does not exist; give a checkpoint file or a run directory")
+    return p
+
+
+def load_model(path: Path, device: torch.device, weights: str = "auto"):
+    """(model on device in eval mode, checkpoint dict, saved config, which weights) of a checkpoint."""
+    import hydra
+    from omegaconf import OmegaConf
+
+    from imgcls.averaging import averaged_weights
+
+    ckpt = load_checkpoint(path)
+    for key in ("model", "config"):
+        if key not in ckpt:
+            raise CheckpointError(f"checkpoint {path} has no {key!r} entry; it was not written by train.py")
+    cfg = OmegaConf.create(ckpt["config"])
+    target = str(OmegaConf.select(cfg, "model._target_", default=""))
+    if not target.startswith(MODEL_PREFIX):
+        raise CheckpointError(
+            f"checkpoint {path}: model._target_ {target!r} is not accepted; expected a "
+            f"builder in {MODEL_PREFIX[:-1]} (a checkpoint names no other code to run)"
+        )
+    num_classes = int(cfg.data.num_classes)
+    model = hydra.utils.instantiate(cfg.model)(num_classes=num_classes)
+    state_dict, which = averaged_weights(ckpt, weights)
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise CheckpointError(
+            f"checkpoint {path}: its weights do not fit model {target} "
+            f"({first[1].strip() if len(first) > 1 else first[0]})"
+        ) from e
+    return model.to(device).eval(), ckpt, cfg, which
+
+
+def pick_device(value) -> torch.device:
+    if value in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if value not in ("cpu", "cuda"):
+        raise ValueError(f"device: {value!r} is not accepted; expected auto, cpu or cuda")
+    if value == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: 'cuda' but no CUDA device is available; use device=cpu or auto")
+    return torch.device(value)
+
+
+def data_info(ckpt: dict, cfg) -> dict:
+    """classes, mean, std, image size (C, H, W) the model was trained with: saved in the
+    checkpoint by train.py (``data_info``)."""
+    info = ckpt.get("data_info")
+    if not isinstance(info, dict) or not {"classes", "mean", "std", "size"} <= set(info):
+        raise CheckpointError(
+            "checkpoint has no data_info entry (classes, mean, std, image size); it was written by an older train.py"
+        )
+    return info
+
+
+# --------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------
+def parse_args(argv: list[str], allowed: dict) -> dict:
+    """``key=value`` arguments (values parsed as YAML); ``data.*`` keys are collected under
+    "data". Unknown keys are refused, naming what is accepted."""
+    import yaml
+
+    out = dict(allowed)
+    data = {}
+    for arg in argv:
+        if "=" not in arg:
+            raise ValueError(
+                f"argument {arg!r} is not accepted; expected key=value with key in {sorted(allowed)} or data.<key>"
+            )
+        key, value = arg.split("=", 1)
+        parsed = yaml.safe_load(value) if value != "" else None
+        if key.startswith("data."):
+            data[key[len("data.") :]] = parsed
+        elif key in allowed:
+            out[key] = parsed if key not in ("checkpoint", "images", "out") else value
+        else:
+            raise ValueError(f"argument {key!r} is not accepted; expected one of {sorted(allowed)} or data.<key>")
+    out["data"] = data
+    return out
+
+
+def default_out(path: Path, name: str) -> Path:
+    """<run dir>/eval/<name> for a checkpoint in <run dir>/checkpoints/, else beside the file."""
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    return run_dir / "eval" / name
+
+
+def load_split(cfg, data_overrides: dict, split: str):
+    """(images uint8 [N,3,H,W], labels, class names) of the run's data with ``data.*`` overrides."""
+    from omegaconf import OmegaConf, open_dict
+
+    from imgcls.data import load_dataset
+    from imgcls.splits import val_indices
+
+    d = cfg.data
+    with open_dict(d):
+        for k, v in data_overrides.items():
+            OmegaConf.update(d, k, v, merge=False)
+    ds = load_dataset(
+        name=d.name,
+        root=d.get("root", "data"),
+        download=d.get("download", False),
+        path=d.get("path"),
+        synthetic_size=tuple(d.get("synthetic_size", (512, 256))),
+        num_classes=d.get("num_classes") or 10,
+        seed=cfg.trainer.seed,
+    )
+    if split == "test":
+        return ds.test_images, ds.test_labels, ds.classes
+    _, held = val_indices(ds.train_labels, d.get("val_size", 0))
+    if len(held) == 0:
+        raise ValueError("split: 'val' but data.val_size is 0 for this run (no validation split); use split=test")
+    return ds.train_images[held], ds.train_labels[held], ds.classes
+
+
+def evaluate_checkpoint(args: dict) -> dict:
+    from imgcls.data import DeviceLoader
+    from imgcls.precision import resolve_precision
+
+    split = args["split"]
+    if split not in ("test", "val"):
+        raise ValueError(f"split: {split!r} is not accepted; expected test or val")
+    device = pick_device(args["device"])
+    path = resolve_checkpoint(args["checkpoint"])
+    model, ckpt, cfg, which = load_model(path, device, args["weights"])
+    info = data_info(ckpt, cfg)
+    images, labels, classes = load_split(cfg, args["data"], split)
+    if list(classes) != list(info["classes"]):
+        raise ValueError(
+            f"data: the {len(classes)} classes {list(classes)[:5]}... do not match the "
+            f"{len(info['classes'])} classes the checkpoint was trained on "
+            f"{list(info['classes'])[:5]}...; evaluate on data with the same class folders"
+        )
+    batch = int(args["batch_size"] or cfg.trainer.eval_batch_size)
+    loader = DeviceLoader(
+        images, labels, batch, device=device, mean=info["mean"], std=info["std"], train=False, drop_last=False
+    )
+    precision = resolve_precision(cfg.trainer.precision, device)
+    r = run_eval(model, loader.epoch_batches(0), device, precision, bool(cfg.trainer.tta_flip), len(classes))
+    confusion = r.pop("confusion")
+    totals = confusion.sum(1)
+    per_class = {
+        c: (float(confusion[i, i]) / int(totals[i]) if int(totals[i]) else None) for i, c in enumerate(classes)
+    }
+    result = {
+        "checkpoint": str(path),
+        "weights": which,
+        "split": split,
+        "images": r["n"],
+        "loss": r["loss"],
+        "acc": r["acc"],
+        "per_class_acc": per_class,
+    }
+    name = f"{path.stem}-{split}" + ("" if args["weights"] == "auto" else f"-{which}")
+    out = Path(args["out"]) if args["out"] else default_out(path, name)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    with open(out / "confusion.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["true\\predicted", *classes])
+        for i, c in enumerate(classes):
+            w.writerow([c, *confusion[i].tolist()])
+    confusion_png(confusion, classes, out / "confusion.png")
+    result["out"] = str(out)
+    return result
+
+
+def confusion_png(confusion: torch.Tensor, classes: list[str], path: Path, cell: int = 24) -> None:
+    """The confusion matrix as a heat map (row-normalised, white = 0, dark blue = 1), with
+    class names; drawn with PIL (no plotting dependency)."""
+    from PIL import Image, ImageDraw
+
+    k = len(classes)
+    rows = confusion.double() / confusion.sum(1, keepdim=True).clamp_min(1)
+    margin = 8 + 6 * min(max((len(c) for c in classes), default=1), 16)
+    img = Image.new("RGB", (margin + k * cell + 4, margin + k * cell + 4), "white")
+    draw = ImageDraw.Draw(img)
+    for i in range(k):
+        draw.text((2, margin + i * cell + cell // 3), classes[i][:16], fill="black")
+        for j in range(k):
+            v = float(rows[i, j])
+            colour = (int(255 * (1 - v)), int(255 * (1 - 0.8 * v)), 255)
+            x0, y0 = margin + j * cell, margin + i * cell
+            draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=colour, outline=(220, 220, 220))
+    for j in range(k):  # predicted-class initials along the top
+        draw.text((margin + j * cell + 4, margin - 14), classes[j][:3], fill="black")
+    img.save(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from omegaconf.errors import OmegaConfBaseException
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parse_args(
+            argv,
+            {"checkpoint": None, "split": "test", "out": None, "device": "auto", "batch_size": None, "weights": "auto"},
+        )
+        r = evaluate_checkpoint(args)
+    except (ValueError, FileNotFoundError, OmegaConfBaseException) as e:  # CheckpointError is a ValueError
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    print(
+        f"{r['split']} of {r['checkpoint']} ({r['weights']} weights): {r['images']} images, "
+        f"loss {r['loss']:.4f}, accuracy {r['acc']:.4f}"
+    )
+    width = max(len(c) for c in r["per_class_acc"])
+    for c, a in r["per_class_acc"].items():
+        print(f"  {c:<{width}}  {'-' if a is None else f'{a:.4f}'}")
+    print(f"wrote {r['out']}/metrics.json, confusion.csv, confusion.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Predict the class of new images with a trained checkpoint.
+
+    python -m imgcls.predict checkpoint=outputs/run1 images=photos/          # a folder (recursive)
+    python -m imgcls.predict checkpoint=outputs/run1 images='photos/*.jpg' topk=3 out=preds.csv
+
+Writes ``out`` (default ``predictions.csv``): file, predicted class, its probability, and the
+top-k classes with probabilities. Images are decoded in batches of ``batch_size`` and run on
+the device; an image of another size is resized to the training size (said once); a file that
+cannot be read is reported by name and skipped. The checkpoint is the same as for
+``python -m imgcls.evaluate`` (a run directory means its best.pt, else last.pt).
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from imgcls.evaluate import EXIT_BAD_INPUT, data_info, load_model, parse_args, pick_device, resolve_checkpoint
+
+
+def list_images(spec) -> list[Path]:
+    """A file, a folder (every image file below it, sorted) or a glob pattern."""
+    from PIL import Image
+
+    if spec is None or str(spec) == "":
+        raise ValueError("images: missing; give images=PATH (an image file, a folder or a glob)")
+    p = Path(str(spec)).expanduser()
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        exts = {e.lower() for e in Image.registered_extensions()}
+        files = sorted(
+            f
+            for f in p.rglob("*")
+            if f.is_file()
+            and f.suffix.lower() in exts
+            and not any(part.startswith(".") for part in f.relative_to(p).parts)
+        )
+        if not files:
+            raise ValueError(f"images: {p} holds no image files (looked for {', '.join(sorted(exts)[:6])}, ...)")
+        return files
+    files = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
+    if not files:
+        raise ValueError(f"images: {spec!r} is not a file or folder and matches no files as a glob")
+    return files
+
+
+def predict(args: dict) -> dict:
+    from PIL import Image
+
+    from imgcls.precision import autocast, resolve_precision
+
+    device = pick_device(args["device"])
+    path = resolve_checkpoint(args["checkpoint"])
+    files = list_images(args["images"])
+    model, ckpt, cfg, which = load_model(path, device, args["weights"])
+    info = data_info(ckpt, cfg)
+    classes = list(info["classes"])
+    _, h, w = (int(v) for v in info["size"])
+    k = int(args["topk"])
+    if k < 1:
+        raise ValueError(f"topk: {k} is not accepted; expected an int >= 1")
+    k = min(k, len(classes))
+    batch = int(args["batch_size"])
+    if batch < 1:
+        raise ValueError(f"batch_size: {batch} is not accepted; expected an int >= 1")
+    mean = torch.tensor(info["mean"], device=device).view(1, -1, 1, 1)
+    std = torch.tensor(info["std"], device=device).view(1, -1, 1, 1)
+    precision = resolve_precision(cfg.trainer.precision, device)
+    out = Path(args["out"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    skipped, resized, written = [], 0, 0
+    with open(out, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "class", "probability", f"top{k}"])
+        for lo in range(0, len(files), batch):
+            names, arrays = [], []
+            for file in files[lo : lo + batch]:
+                try:
+                    with Image.open(file) as im:
+                        im = im.convert("RGB")
+                        if im.size != (w, h):
+                            if resized == 0:
+                                print(
+                                    f"resizing images of another size to the training size {w}x{h} "
+                                    f"(first: {file}, {im.size[0]}x{im.size[1]})",
+                                    flush=True,
+                                )
+                            resized += 1
+                            im = im.resize((w, h), Image.BILINEAR)
+                        arrays.append(np.asarray(im, dtype=np.uint8))
+                    names.append(file)
+                except Exception as e:  # one bad file must not stop the others
+                    print(
+                        f"skipped {file}: not a readable image ({type(e).__name__}: {e})", file=sys.stderr, flush=True
+                    )
+                    skipped.append(str(file))
+            if not arrays:
+                continue
+            x = torch.from_numpy(np.stack(arrays)).to(device).permute(0, 3, 1, 2)
+            x = (x.float() / 255 - mean) / std
+            with torch.no_grad(), autocast(device, precision):
+                logits = model(x).float()
+                if cfg.trainer.tta_flip:
+                    logits = (logits + model(x.flip(-1)).float()) / 2
+            probs = logits.softmax(1)
+            top_p, top_i = probs.topk(k, dim=1)
+            top_p, top_i = top_p.cpu().tolist(), top_i.cpu().tolist()
+            for name, ps, ids in zip(names, top_p, top_i):
+                writer.writerow(
+                    [
+                        str(name),
+                        classes[ids[0]],
+                        f"{ps[0]:.6f}",
+                        " ".join(f"{classes[i]}:{p:.4f}" for i, p in zip(ids, ps)),
+                    ]
+                )
+                written += 1
+    return {
+        "checkpoint": str(path),
+        "weights": which,
+        "out": str(out),
+        "written": written,
+        "skipped": skipped,
+        "resized": resized,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parse_args(
+            argv,
+            {
+                "checkpoint": None,
+                "images": None,
+                "out": "predictions.csv",
+                "topk": 5,
+                "batch_size": 256,
+                "device": "auto",
+                "weights": "auto",
+            },
+        )
+        if args["data"]:
+            raise ValueError(f"data.{next(iter(args['data']))}: not accepted by predict (it reads images=PATH)")
+        r = predict(args)
+    except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    print(
+        f"predicted {r['written']} images with {r['checkpoint']} ({r['weights']} weights) -> {r['out']}"
+        + (f"; skipped {len(r['skipped'])} unreadable" if r["skipped"] else "")
+        + (f"; resized {r['resized']}" if r["resized"] else ""),
+        flush=True,
+    )
+    return 0 if r["written"] else EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""One process per run directory: an OS-level lock (``fcntl.flock``) on ``<run dir>/.lock``.
+
+A requeued SLURM job while the old one still runs, or the same command started twice, would
+write the same checkpoints. The first process holds an exclusive ``flock`` for its whole life;
+the kernel releases it when the process ends in any way (exit, crash, SIGKILL), so a stale lock
+never blocks a restart. The file itself is only where the lock lives; it holds the holder's PID
+for the message, and may stay behind (an unlocked ``.lock`` means nothing).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+LOCK_NAME = ".lock"
+
+
+class RunDirBusy(ValueError):
+    """Another live process holds the run directory (a bad-input exit, code 2)."""
+
+
+class RunLock:
+    """``with RunLock(run_dir):`` or ``lock = RunLock(run_dir).acquire()`` ... ``lock.release()``."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / LOCK_NAME
+        self.fd = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirBusy(
+                f"hydra.run.dir: {self.path.parent} is in use by another training process (PID {holder}); "
+                f"wait for it to end or stop it, or choose another hydra.run.dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
+
+
+# What Hydra and train.py put into a run directory before the first step: nothing a user needs
+# once start-up failed (the error is on stderr). A directory holding anything else is left alone.
+_STARTUP_FILES = (".hydra", "train.log", "config.yaml", "checkpoints", LOCK_NAME)
+_PROGRESS_FILES = ("metrics.jsonl", "results.json")
+
+
+def remove_if_unused(run_dir: str | Path) -> bool:
+    """Delete a run directory that a failed start-up left with nothing but start-up files
+    (Hydra's .hydra/ and log, the resolved config, an empty checkpoints/, the lock). Returns
+    whether it was removed. Never touches a directory with a checkpoint, metrics or results, or
+    with any file it did not expect."""
+    import shutil
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return False
+    names = {p.name for p in run_dir.iterdir()}
+    ckpt = run_dir / "checkpoints"
+    if names - set(_STARTUP_FILES) or names & set(_PROGRESS_FILES) or (ckpt.is_dir() and any(ckpt.iterdir())):
+        return False
+    for name in names:
+        p = run_dir / name
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    try:
+        run_dir.rmdir()
+    except OSError:
+        return False
+    return True

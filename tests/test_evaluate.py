@@ -1,0 +1,168 @@
+"""python -m imgcls.evaluate / imgcls.predict on a small checkpoint made here (no train.py needed)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imgcls import evaluate, predict
+from imgcls.checkpoint import save_checkpoint
+from imgcls.data import DeviceLoader, load_dataset
+
+CONFIG = {
+    "model": {"_target_": "imgcls.models.resnet9", "_partial_": True, "width": 4, "scale_out": 0.125},
+    "data": {
+        "name": "synthetic",
+        "root": "data",
+        "download": False,
+        "path": None,
+        "num_classes": 4,
+        "synthetic_size": [128, 64],
+        "val_size": 32,
+    },
+    "trainer": {"precision": "fp32", "tta_flip": False, "eval_batch_size": 50, "seed": 0},
+}
+
+
+def make_checkpoint(path, config=CONFIG, steps=3):
+    """A resnet9 trained a few steps on the synthetic data, saved as train.py saves it."""
+    from imgcls.models import resnet9
+
+    ds = load_dataset("synthetic", "data", synthetic_size=(128, 64), num_classes=4, seed=0)
+    torch.manual_seed(0)
+    model = resnet9(num_classes=4, width=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    loader = DeviceLoader(ds.train_images, ds.train_labels, 32, "cpu", ds.mean, ds.std, train=True)
+    for step in range(steps):
+        for x, y in loader.epoch_batches(step):
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            break
+    save_checkpoint(
+        {
+            "model": model.state_dict(),
+            "config": config,
+            "state": {"finished": True},
+            "data_info": {
+                "classes": ds.classes,
+                "mean": list(ds.mean),
+                "std": list(ds.std),
+                "size": list(ds.train_images.shape[1:]),
+            },
+        },
+        path,
+    )
+    return model, ds
+
+
+def test_evaluate_writes_metrics_confusion_and_matches_a_direct_evaluation(tmp_path, capsys):
+    run = tmp_path / "run"
+    model, ds = make_checkpoint(run / "checkpoints" / "last.pt")
+    assert evaluate.main([f"checkpoint={run}"]) == 0
+    out = run / "eval" / "last-test"
+    m = json.loads((out / "metrics.json").read_text())
+    loader = DeviceLoader(ds.test_images, ds.test_labels, 50, "cpu", ds.mean, ds.std, train=False, drop_last=False)
+    direct = evaluate.run_eval(model, loader.epoch_batches(0), torch.device("cpu"), "fp32", False)
+    assert m["acc"] == direct["acc"] and m["loss"] == pytest.approx(direct["loss"], rel=1e-6)
+    assert m["images"] == 64 and m["split"] == "test" and m["weights"] == "raw"
+    rows = list(csv.reader(open(out / "confusion.csv")))
+    matrix = np.array([[int(v) for v in r[1:]] for r in rows[1:]])
+    assert matrix.sum() == 64 and np.trace(matrix) / 64 == m["acc"]
+    for i, c in enumerate(ds.classes):
+        assert m["per_class_acc"][c] == pytest.approx(matrix[i, i] / matrix[i].sum())
+    assert Image.open(out / "confusion.png").size[0] > 4 * 24
+    printed = capsys.readouterr().out
+    assert f"accuracy {m['acc']:.4f}" in printed and "class0" in printed
+
+    assert evaluate.main([f"checkpoint={run}", "split=val", f"out={tmp_path / 'v'}"]) == 0
+    assert json.loads((tmp_path / "v" / "metrics.json").read_text())["images"] == 32
+
+
+def test_run_dir_means_best_pt(tmp_path):
+    run = tmp_path / "run"
+    make_checkpoint(run / "checkpoints" / "last.pt", steps=1)
+    make_checkpoint(run / "checkpoints" / "best.pt", steps=2)
+    assert evaluate.resolve_checkpoint(run) == run / "checkpoints" / "best.pt"
+    assert evaluate.resolve_checkpoint(run / "checkpoints" / "last.pt") == run / "checkpoints" / "last.pt"
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch PWNED",))
+
+
+@pytest.mark.parametrize("kind", ["missing", "garbage", "crafted", "foreign_target", "class_mismatch", "empty_dir"])
+def test_bad_checkpoints_and_data_exit_2_in_one_line(tmp_path, capsys, monkeypatch, kind):
+    monkeypatch.chdir(tmp_path)
+    ckpt = tmp_path / "c.pt"
+    args = [f"checkpoint={ckpt}"]
+    if kind == "garbage":
+        ckpt.write_bytes(b"not a checkpoint at all")
+    elif kind == "crafted":
+        ckpt.write_bytes(pickle.dumps({"model": _Evil()}))
+    elif kind == "foreign_target":
+        make_checkpoint(ckpt, config={**CONFIG, "model": {**CONFIG["model"], "_target_": "os.system"}}, steps=0)
+    elif kind == "class_mismatch":
+        make_checkpoint(ckpt, steps=0)
+        args.append("data.num_classes=5")
+    elif kind == "empty_dir":
+        args = [f"checkpoint={tmp_path}"]
+    assert evaluate.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    expected = {
+        "missing": "does not exist",
+        "garbage": "cannot be loaded",
+        "crafted": "weights_only",
+        "foreign_target": "model._target_ 'os.system' is not accepted",
+        "class_mismatch": "do not match",
+        "empty_dir": "without checkpoints/best.pt",
+    }[kind]
+    assert expected in err
+    assert not (tmp_path / "PWNED").exists()
+
+
+def _png(path, size, colour):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+
+
+def test_predict_folder_resizes_once_skips_unreadable_and_writes_topk(tmp_path, capsys):
+    run = tmp_path / "run"
+    make_checkpoint(run / "checkpoints" / "last.pt", steps=0)
+    imgs = tmp_path / "imgs"
+    _png(imgs / "a.png", (32, 32), (200, 10, 10))
+    _png(imgs / "sub" / "b.png", (40, 30), (10, 200, 10))
+    _png(imgs / "c.png", (64, 64), (10, 10, 200))
+    (imgs / "broken.png").write_bytes(b"\x89PNG garbage")
+    out = tmp_path / "p.csv"
+    assert predict.main([f"checkpoint={run}", f"images={imgs}", f"out={out}", "topk=3", "batch_size=2"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("resizing images of another size to the training size 32x32") == 1
+    assert "broken.png" in captured.err and "skipped" in captured.err
+    rows = list(csv.DictReader(open(out)))
+    assert [r["file"].rsplit("/", 1)[1] for r in rows] == ["a.png", "c.png", "b.png"]
+    for r in rows:
+        top = r["top3"].split()
+        assert len(top) == 3 and top[0].split(":")[0] == r["class"]
+        assert float(r["probability"]) == pytest.approx(float(top[0].split(":")[1]), abs=1e-4)
+    # a glob and a single file
+    assert predict.main([f"checkpoint={run}", f"images={imgs}/*.png", f"out={out}"]) == 0
+    assert len(list(csv.DictReader(open(out)))) == 2
+    assert predict.main([f"checkpoint={run}", f"images={imgs / 'a.png'}", f"out={out}"]) == 0
+
+
+def test_predict_empty_folder_exits_2(tmp_path, capsys):
+    make_checkpoint(tmp_path / "c.pt", steps=0)
+    (tmp_path / "empty").mkdir()
+    assert predict.main([f"checkpoint={tmp_path / 'c.pt'}", f"images={tmp_path / 'empty'}"]) == 2
+    assert "holds no image files" in capsys.readouterr().err
