@@ -171,7 +171,7 @@ def runs_table(runs: dict) -> list[str]:
             lines.append(f"| {name} | {100 * r['final_test_acc']:.2f}% | {r['train_seconds']:.2f} | "
                          f"{r['process_s']:.2f} | {r['wall_seconds']:.2f} | {r['images_per_second']:,.0f} |")
     ok = [r for r in runs.values() if "error" not in r]
-    if ok:
+    if len(ok) > 1:
         lines.append(f"| **mean ± std ({len(ok)} runs)** | {pct([r['final_test_acc'] for r in ok])} | "
                      f"{mean_std([r['train_seconds'] for r in ok])} | {mean_std([r['process_s'] for r in ok])} | "
                      f"{mean_std([r['wall_seconds'] for r in ok])} | "
