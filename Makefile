@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: help install train test test-fast bench gpu-report preview schedules clean
+.PHONY: help install lint train test test-fast bench gpu-report preview schedules clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -24,15 +24,19 @@ install: $(STAMP)  ## create .venv and install the project with its dev extras (
 train: $(STAMP)  ## train CIFAR-10 with the default config (extra overrides: make train ARGS='trainer.epochs=5')
 	$(PY) train.py $(ARGS)
 
-test: $(STAMP)  ## run the test suite (slow tests included; GPU tests say why they skip)
+lint: $(STAMP)  ## ruff: lint and format check (config in pyproject.toml); `make test` runs it first
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: $(STAMP) lint  ## lint, then the test suite (slow tests included; GPU tests say why they skip)
 	$(PY) -m pytest $(ARGS)
 
 test-fast: $(STAMP)  ## the test suite without the slow tier
 	$(PY) -m pytest -m "not slow" $(ARGS)
 
 bench: $(STAMP)  ## benchmarks: SequentialLR step cost against torch's; training/eval throughput and where the time goes
-	$(PY) tests/bench_sched.py
-	$(PY) tests/bench_train.py
+	$(PY) benchmarks/bench_sched.py
+	$(PY) benchmarks/bench_train.py
 
 gpu-report: $(STAMP)  ## on one CUDA GPU, offline: GPU tests, bench, cifar10_fast x 5 seeds, compile, SIGTERM/resume, ablations -> docs/benchmarks/<GPU>.md (make gpu-report DATA=path; SMOKE=1: the CPU check)
 	$(PY) benchmarks/gpu_report.py $(if $(SMOKE),--smoke,--data "$(DATA)") $(ARGS)

@@ -19,19 +19,39 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from imgcls import distributed
-from imgcls.config import config_errors, device_switch, fused_argument, register_resolvers, validate_config
+from imgcls.config import (
+    check_writable,
+    config_errors,
+    device_switch,
+    fused_argument,
+    pick_device,
+    preflight,
+    setup,
+    validate_config,
+)
 
-register_resolvers()
+if TYPE_CHECKING:
+    from imgcls.checkpoint import State
+
+setup()  # the resolvers and the config schema, before Hydra composes conf/
 
 EXIT_SIGNAL = {"SIGTERM": 143, "SIGINT": 130}  # 128 + signal number, as a shell reports it
 EXIT_BAD_INPUT = 2       # a config value, a data file or a checkpoint was refused at start-up
 EXIT_NONFINITE = 3       # the training loss became NaN or inf (the last good checkpoint is kept)
 EXIT_WRITE_FAULT = 4     # a checkpoint could not be written (the previous one is intact)
+
+
+def cli() -> None:
+    """The command line: a config that cannot be composed is refused here in one line (exit 2)
+    before Hydra starts; then Hydra runs main (once, or once per job of a multirun)."""
+    preflight(sys.argv[1:])
+    main()
 
 
 @hydra.main(config_path=str(Path(__file__).resolve().parent / "conf"), config_name="config", version_base="1.3")
@@ -43,7 +63,11 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def recipe(cfg: DictConfig, run_dir: Path) -> float | None:
-    device = validate_config(cfg, run_dir)                   # 1. config (fails before any work)
+    from imgcls.checkpoint import resume
+
+    validate_config(cfg)                                     # 1. config (fails before any work)
+    check_writable(run_dir)                                  #    the run directory
+    device = pick_device(cfg)                                #    the device
     dist, device, run_dir = join_ranks(device, run_dir)      #    torchrun: one process per device
     seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, device)  # 2. seed
     data = load_data(cfg, device, dist)                      # 3. data (fills schedule.steps_per_epoch)
@@ -86,7 +110,7 @@ class exit_cleanly:
             return False
         from omegaconf.errors import OmegaConfBaseException
 
-        from imgcls.checkpoint import CheckpointError
+        from imgcls.checkpoint import CheckpointError, CheckpointWriteError
 
         if issubclass(kind, FloatingPointError):
             code = EXIT_NONFINITE
@@ -145,9 +169,9 @@ def load_data(cfg: DictConfig, device, dist) -> Data:
     d, t = cfg.data, cfg.trainer
     ds = load_dataset(
         name=d.name,
-        root=d.root,
-        download=d.download,
-        path=d.path,
+        root=d.get("root", "data"),
+        download=d.get("download", False),
+        path=d.get("path"),
         synthetic_size=tuple(d.get("synthetic_size", (512, 256))),
         num_classes=d.num_classes or 10,
         seed=t.seed,
@@ -161,9 +185,8 @@ def load_data(cfg: DictConfig, device, dist) -> Data:
         raise ValueError(f"trainer.batch_size: {t.batch_size} is not divisible by the {dist.world} ranks")
     channels_last = device_switch(t.channels_last, device)  # NHWC feeds the tensor cores without transposes
     common = dict(device=device, mean=ds.mean, std=ds.std, channels_last=channels_last, dtype=torch.float32)
-    train_images, train_labels = distributed.shard(ds.train_images, ds.train_labels, dist)
-    train = DeviceLoader(  # trainer.batch_size is the global batch: each rank takes 1/N of it
-        train_images, train_labels, t.batch_size // dist.world, train=True, seed=t.seed,
+    train = DeviceLoader(  # trainer.batch_size is the global batch: rank r takes its images r::N
+        ds.train_images, ds.train_labels, t.batch_size, train=True, seed=t.seed, rank=dist.rank, world=dist.world,
         crop_padding=d.crop_padding, flip=d.flip, alternating_flip=d.alternating_flip, **common,
     )
     test = DeviceLoader(ds.test_images, ds.test_labels, t.eval_batch_size, train=False, drop_last=False, **common)
@@ -200,9 +223,14 @@ def build_optimizer(cfg: DictConfig, model, device):
 
 
 def build_scheduler(cfg: DictConfig, optimizer):
-    """The schedule tree of cfg.scheduler, built on the optimizer (the one place it gets it)."""
+    """The schedule tree of cfg.scheduler, built on the optimizer (the one place it gets it),
+    refused if it does not fit the run (a milestone past the end, a warmup that never ends)."""
+    from imgcls.config import check_schedule_fits
+
     with config_errors("scheduler"):
-        return hydra.utils.instantiate(cfg.scheduler, _convert_="all")(optimizer)
+        scheduler = hydra.utils.instantiate(cfg.scheduler, _convert_="all")(optimizer)
+    check_schedule_fits(scheduler, cfg)
+    return scheduler
 
 
 def write_config(cfg: DictConfig, run_dir: Path, dist) -> None:
@@ -213,126 +241,8 @@ def write_config(cfg: DictConfig, run_dir: Path, dist) -> None:
 # --------------------------------------------------------------------------------------
 # 7. resume
 # --------------------------------------------------------------------------------------
-class State:
-    """Counters that a checkpoint carries, besides the model, optimizer and scheduler."""
-
-    def __init__(self):
-        self.step = 0            # optimizer steps done
-        self.epoch = 0           # epoch in progress
-        self.batch = 0           # next batch of that epoch
-        self.finished = False
-        self.best_acc = None     # best test accuracy so far
-        self.last_eval = None    # {"test_loss", "test_acc"} of the latest evaluation
-        self.loss_sum = 0.0      # training loss summed since the last log line...
-        self.loss_count = 0      # ...over this many steps
-        self.train_seconds = 0.0
-        self.images = 0          # training images processed (for images per second)
-        self.skipped_steps = 0   # steps whose loss was NaN/inf, dropped (trainer.skip_nonfinite)
-
-    def to_dict(self) -> dict:
-        return dict(vars(self))
-
-    def load(self, d: dict) -> None:
-        for k in vars(self):
-            if k in d:
-                setattr(self, k, d[k])
-
-
-def checkpoint_path(run_dir: Path) -> Path:
-    return run_dir / "checkpoints" / "last.pt"
-
-
-def resume(cfg: DictConfig, run_dir: Path, model, optimizer, scheduler, dist) -> State:
-    from imgcls.checkpoint import find_resumable, load_checkpoint, set_rng_state
-
-    from imgcls.config import check_resume_config
-
-    state = State()
-    metrics = run_dir / "metrics.jsonl"
-    if cfg.resume == "never":
-        fresh_start(metrics, dist)
-        return state
-    if cfg.resume == "auto":
-        found = find_resumable(checkpoint_path(run_dir), cfg.trainer.keep_checkpoints)
-        if found is None:
-            fresh_start(metrics, dist)
-            return state
-        ckpt, path = found
-        set_aside_unreadable(checkpoint_path(run_dir), path, dist)
-    else:
-        path = Path(cfg.resume).expanduser()
-        ckpt = load_checkpoint(path)
-    check_resume_config(ckpt, cfg, path)
-    try:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-    except (KeyError, RuntimeError, ValueError) as e:
-        raise ValueError(f"resume: checkpoint {path} does not fit this model/optimizer/scheduler: {e}") from e
-    set_rng_state(ckpt["rng"])
-    state.load(ckpt["state"])
-    if dist.is_main:
-        trim_metrics(run_dir / "metrics.jsonl", state.step)
-    print(f"resumed from {path} at step {state.step} (epoch {state.epoch}, batch {state.batch})", flush=True)
-    return state
-
-
-def fresh_start(metrics: Path, dist) -> None:
-    """Starting from step 0: drop what a run killed before its first checkpoint logged."""
-    if dist.is_main:
-        trim_metrics(metrics, 0)
-
-
-def set_aside_unreadable(last: Path, resumed_from: Path, dist) -> None:
-    """Resumed from a backup because last.pt is unreadable: rename it to last.pt.unreadable so
-    that the next save does not rotate it over the good backup it resumed from."""
-    if dist.is_main and resumed_from != last and last.exists():
-        os.replace(last, last.with_name(last.name + ".unreadable"))
-        print(f"resume: {last} was unreadable; kept as {last.name}.unreadable", flush=True)
-
-
-def trim_metrics(path: Path, step: int) -> None:
-    """Drop metrics lines written after the checkpoint (a run killed between checkpoints)."""
-    if not path.exists():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln)["step"] <= step]
-    if len(kept) != len(lines):
-        path.write_text("".join(ln + "\n" for ln in kept))
-
-
-def save(cfg: DictConfig, run_dir: Path, model, optimizer, scheduler, state: State, dist) -> None:
-    """Rank 0 writes (every rank holds the same weights); the others wait for it."""
-    if not dist.is_main:
-        distributed.barrier(dist)
-        return
-    try:
-        _save(cfg, run_dir, model, optimizer, scheduler, state)
-    except OSError as e:
-        raise CheckpointWriteError(str(e)) from e
-    distributed.barrier(dist)
-
-
-class CheckpointWriteError(RuntimeError):
-    """A checkpoint could not be written (disk full, read-only...); the previous one is intact."""
-
-
-def _save(cfg: DictConfig, run_dir: Path, model, optimizer, scheduler, state: State) -> None:
-    from imgcls.checkpoint import rng_state, save_checkpoint, unwrap_model
-
-    save_checkpoint(
-        {
-            "model": unwrap_model(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "state": state.to_dict(),
-            "rng": rng_state(),
-            "config": OmegaConf.to_container(cfg, resolve=True),
-            "config_unresolved": OmegaConf.to_container(cfg, resolve=False),
-        },
-        checkpoint_path(run_dir),
-        keep=cfg.trainer.keep_checkpoints,
-    )
+# What a checkpoint holds, resuming with fallback, trimming metrics and when to save: next
+# to the checkpoint writer, in imgcls/checkpoint.py (State, resume, save, checkpoint_due, ...).
 
 
 # --------------------------------------------------------------------------------------
@@ -353,6 +263,17 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         self.signal = signal.Signals(signum).name
+
+    def requested(self, loop, epoch_end: bool = False) -> bool:
+        """Stop now? The same answer on every rank. Alone: the local flag, at every step.
+        Under torchrun asking costs an all_reduce and a host sync, so ranks ask only every
+        trainer.log_every steps and at epoch ends (all of them at the same step)."""
+        if loop.dist.enabled and not epoch_end and loop.state.step % loop.t.log_every:
+            return False
+        if distributed.any_rank(self.signal is not None, loop.dist, loop.device):
+            self.signal = self.signal or "SIGTERM"  # another rank was signalled
+            return True
+        return False
 
     def __exit__(self, *exc):
         for sig, handler in self._old.items():
@@ -399,126 +320,190 @@ def _fmt(v):
 
 def train(cfg, run_dir, data: Data, model, optimizer, scheduler, state: State, device, dist) -> str | None:
     """The loop. Returns the name of the signal that stopped it, or None when it finished."""
-    import torch
+    from imgcls.checkpoint import checkpoint_due
 
-    from sched import needs_metrics
+    loop = Loop(cfg, run_dir, data, model, optimizer, scheduler, state, device, dist)
+    with StopRequest() as stop, Reporter(loop) as report:
+        for epoch in range(state.epoch, cfg.trainer.epochs):
+            stopped = run_epoch(loop, report, epoch, stop)  # True: stopped at a step boundary
+            if not stopped:
+                end_epoch(loop, report, epoch)
+                stopped = stop.requested(loop, epoch_end=True)
+            if stopped or checkpoint_due(cfg.trainer, state):
+                loop.checkpoint()
+            if stopped:
+                print(f"{stop.signal}: checkpoint saved at step {state.step}; exiting", flush=True)
+                return stop.signal
+    return None
 
-    t = cfg.trainer
-    steps_per_epoch = data.steps_per_epoch
-    per_step = cfg.schedule.interval == "step"
-    wants_metric = needs_metrics(scheduler)  # a ReduceLROnPlateau phase gets the test loss
-    bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
-    net = model
-    if dist.enabled:  # gradients averaged over ranks during backward
-        from torch.nn.parallel import DistributedDataParallel
 
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    net = torch.compile(net) if t.compile else net
-    progress = _progress_enabled(t.progress) and dist.is_main
-    log = (MetricsLog(run_dir / "metrics.jsonl", progress, build_logger(cfg, run_dir, optimizer))
-           if dist.is_main else MetricsLog(None, progress))
-    interval_start = (time.perf_counter(), state.images)  # for images/s per log interval
-    bar = _bar(progress, total=t.epochs * steps_per_epoch, initial=state.step)
-    # Training loss accumulates on the device; it is read once per log line (one host sync).
-    loss_sum = torch.tensor(state.loss_sum, device=device, dtype=torch.float32)
+class Loop:
+    """What the loop works with, built once: the wrapped net (DDP, torch.compile), precision,
+    the loss, when the scheduler steps, and the training loss summed on the device."""
 
-    def step_fn(x, y):
-        loss = train_step(net, optimizer, loss_fn, x, y, bf16, t.skip_nonfinite)
+    def __init__(self, cfg, run_dir, data: Data, model, optimizer, scheduler, state: State, device, dist):
+        import torch
+
+        from imgcls.config import SchedulerStepper
+
+        self.cfg, self.t, self.run_dir, self.data = cfg, cfg.trainer, run_dir, data
+        self.model, self.optimizer, self.scheduler, self.state = model, optimizer, scheduler, state
+        self.device, self.dist = device, dist
+        self.stepper = SchedulerStepper(scheduler, optimizer, cfg.schedule.interval)
+        self.bf16 = self.t.precision == "bf16" or (self.t.precision == "auto" and device.type == "cuda")
+        self.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=self.t.label_smoothing)
+        self.net = model
+        if dist.enabled:  # gradients averaged over ranks during backward
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.net = torch.compile(self.net) if self.t.compile else self.net
+        # Training loss accumulates on the device; it is read once per log line (one host sync).
+        self.loss_sum = torch.tensor(state.loss_sum, device=device, dtype=torch.float32)
+
+    def step(self, x, y) -> None:
+        """One optimizer step, its counters, and the scheduler step due after it."""
+        import torch
+
+        loss = train_step(self.net, self.optimizer, self.loss_fn, x, y, self.bf16, self.t.skip_nonfinite)
         if loss is None:
-            state.skipped_steps += 1
-            return torch.zeros((), device=device)
-        return loss
+            self.state.skipped_steps += 1
+            loss = torch.zeros((), device=self.device)
+        self.loss_sum += loss.float()
+        self.state.loss_count += 1
+        self.state.step += 1
+        self.state.batch += 1
+        self.state.images += len(y)
+        self.stepper.after_step()
 
-    def read_loss_sum() -> float:
-        """The host sync: read the accumulated loss; a NaN/inf anywhere in it stops the run."""
-        value = distributed.mean_over_ranks(loss_sum, dist).item()
+    def read_loss(self) -> float:
+        """The host sync: the mean training loss since the last log line (summed over ranks);
+        a NaN/inf anywhere in it stops the run."""
+        from imgcls.checkpoint import checkpoint_path
+
+        state = self.state
+        value = distributed.mean_over_ranks(self.loss_sum, self.dist).item()
         if not math.isfinite(value):
             raise FloatingPointError(
                 f"training loss is {value} between steps {state.step - state.loss_count} and "
                 f"{state.step} (epoch {state.epoch}): stopped without saving; the last good checkpoint (if any) "
-                f"{checkpoint_path(run_dir)} is intact. Lower optimizer.lr, or set "
+                f"{checkpoint_path(self.run_dir)} is intact. Lower optimizer.lr, or set "
                 f"trainer.skip_nonfinite=true to skip such steps"
             )
         return value
 
-    with StopRequest() as stop:
-        try:
-            for epoch in range(state.epoch, t.epochs):
-                model.train()
-                state.epoch = epoch
-                t0 = time.perf_counter()
-                start = state.batch
-                for i, (x, y) in enumerate(data.train.epoch_batches(epoch, start), start=start):
-                    if i >= steps_per_epoch:
-                        break
-                    loss_sum += step_fn(x, y).float()
-                    state.loss_count += 1
-                    state.step += 1
-                    state.batch = i + 1
-                    state.images += len(y)
-                    if per_step:
-                        scheduler.step()
-                    if state.step % t.log_every == 0:
-                        state.loss_sum = 0.0
-                        record = {
-                            "step": state.step,
-                            "epoch": epoch + state.batch / steps_per_epoch,
-                            "lr": [float(lr) for lr in scheduler.get_last_lr()],
-                            "train_loss": read_loss_sum() / state.loss_count,  # the one sync
-                        }
-                        loss_sum.zero_()
-                        state.loss_count = 0
-                        now = time.perf_counter()
-                        speed = (state.images - interval_start[1]) / max(now - interval_start[0], 1e-9)
-                        interval_start = (now, state.images)
-                        log.write(record, echo=True, images_per_second=speed)
-                        bar and bar.set_postfix(loss=f"{record['train_loss']:.3f}", lr=f"{record['lr'][0]:.3g}")
-                    bar and bar.update(1)
-                    if distributed.any_rank(stop.signal is not None, dist, device):  # a step boundary
-                        stop.signal = stop.signal or "SIGTERM"  # another rank was signalled
-                        _sync(device)
-                        state.train_seconds += time.perf_counter() - t0
-                        state.loss_sum = read_loss_sum()
-                        save(cfg, run_dir, model, optimizer, scheduler, state, dist)
-                        print(f"{stop.signal}: checkpoint saved at step {state.step}; exiting", flush=True)
-                        return stop.signal
-                _sync(device)
-                state.train_seconds += time.perf_counter() - t0
-                state.batch = 0
-                state.epoch = epoch + 1
-                last = epoch + 1 == t.epochs
-                if last or (epoch + 1) % t.eval_every == 0:
-                    # under torchrun rank 0 evaluates the model without its DDP wrapper (a DDP
-                    # forward on one rank alone would wait for the others); every rank gets the numbers
-                    eval_net = model if dist.enabled else net
-                    result = evaluate(eval_net, data.test, t, device, bf16, loss_fn) if dist.is_main else None
-                    state.last_eval = distributed.broadcast(result, dist)
-                    acc = state.last_eval["test_acc"]
-                    state.best_acc = acc if state.best_acc is None else max(state.best_acc, acc)
-                    log.write({"step": state.step, "epoch": epoch + 1, **state.last_eval}, echo=True)
-                if not per_step:
-                    metric = state.last_eval["test_loss"] if state.last_eval else None
-                    scheduler.step(metric) if metric is not None and wants_metric else scheduler.step()
-                state.finished = last
-                if distributed.any_rank(stop.signal is not None, dist, device):
-                    stop.signal = stop.signal or "SIGTERM"  # another rank was signalled
-                if last or (epoch + 1) % t.checkpoint_every == 0 or stop.signal:
-                    state.loss_sum = read_loss_sum()
-                    save(cfg, run_dir, model, optimizer, scheduler, state, dist)
-                if stop.signal:
-                    print(f"{stop.signal}: checkpoint saved at step {state.step}; exiting", flush=True)
-                    return stop.signal
-        finally:
-            log.close()
-            bar and bar.close()
-    return None
+    def take_loss(self) -> float:
+        """The mean training loss since the last log line; starts the next sum."""
+        value = self.read_loss() / max(self.state.loss_count, 1)
+        self.loss_sum.zero_()
+        self.state.loss_count = 0
+        self.state.loss_sum = 0.0
+        return value
+
+    def evaluate(self) -> dict:
+        """Under torchrun rank 0 evaluates the model without its DDP wrapper (a DDP forward on
+        one rank alone would wait for the others); every rank gets the numbers."""
+        net = self.model if self.dist.enabled else self.net
+        result = evaluate(net, self.data.test, self.t, self.device, self.bf16, self.loss_fn) if self.dist.is_main else None
+        return distributed.broadcast(result, self.dist)
+
+    def checkpoint(self) -> None:
+        """Save at a step boundary; the partial training-loss sum goes with it."""
+        from imgcls.checkpoint import save
+
+        self.state.loss_sum = self.read_loss()
+        save(self.cfg, self.run_dir, self.model, self.optimizer, self.scheduler, self.state, self.dist)
+
+
+def run_epoch(loop: Loop, report, epoch: int, stop) -> bool:
+    """Train epoch ``epoch`` from batch ``state.batch``; True if a stop request ended it early."""
+    state, steps = loop.state, loop.data.steps_per_epoch
+    loop.model.train()
+    state.epoch = epoch
+    t0 = time.perf_counter()
+    try:
+        for x, y in loop.data.train.epoch_batches(epoch, state.batch):
+            if state.batch >= steps:
+                break
+            loop.step(x, y)
+            report.after_step(loop)
+            # the epoch's last step is followed by end_epoch's check instead
+            if state.batch < steps and stop.requested(loop):
+                return True
+        return False
+    finally:
+        _sync(loop.device)
+        state.train_seconds += time.perf_counter() - t0
+
+
+def end_epoch(loop: Loop, report, epoch: int) -> None:
+    """Evaluate when due, step a per-epoch schedule, and write the epoch's last lines."""
+    state, t = loop.state, loop.t
+    state.batch, state.epoch = 0, epoch + 1
+    last = epoch + 1 == t.epochs
+    evaluated = last or (epoch + 1) % t.eval_every == 0
+    if evaluated:
+        state.last_eval = loop.evaluate()
+        acc = state.last_eval["test_acc"]
+        state.best_acc = acc if state.best_acc is None else max(state.best_acc, acc)
+    loop.stepper.after_epoch(state.last_eval["test_loss"] if state.last_eval else None)
+    report.flush(loop)  # the epoch's last train line: its lr is the one after this epoch's step
+    if evaluated:
+        report.write({"step": state.step, "epoch": epoch + 1, **state.last_eval})
+    state.finished = last
+
+
+class Reporter:
+    """What a run reports: metrics.jsonl lines (and the logger's), the progress bar, images/s.
+    ``lr`` at step N is the lr after N steps and the scheduler steps due by then (the lr step
+    N+1 uses), so a line at an epoch's last step waits for the epoch-end scheduler step."""
+
+    def __init__(self, loop: Loop):
+        cfg, t, dist, state = loop.cfg, loop.t, loop.dist, loop.state
+        progress = _progress_enabled(t.progress) and dist.is_main
+        self.log = (MetricsLog(loop.run_dir / "metrics.jsonl", progress, build_logger(cfg, loop.run_dir, loop.optimizer))
+                    if dist.is_main else MetricsLog(None, progress))
+        self.bar = _bar(progress, total=t.epochs * loop.data.steps_per_epoch, initial=state.step)
+        self.interval_start = (time.perf_counter(), state.images)  # for images/s per log interval
+        self.pending = None  # (record, images/s) of a line waiting for its lr
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.log.close()
+        self.bar and self.bar.close()
+
+    def after_step(self, loop: Loop) -> None:
+        state = loop.state
+        if state.step % loop.t.log_every == 0:
+            record = {"step": state.step, "epoch": state.epoch + state.batch / loop.data.steps_per_epoch,
+                      "lr": None, "train_loss": loop.take_loss()}  # the one host sync
+            now = time.perf_counter()
+            speed = (state.images - self.interval_start[1]) / max(now - self.interval_start[0], 1e-9)
+            self.interval_start = (now, state.images)
+            self.pending = (record, speed)
+            if state.batch < loop.data.steps_per_epoch:
+                self.flush(loop)
+        self.bar and self.bar.update(1)
+
+    def flush(self, loop: Loop) -> None:
+        if self.pending is None:
+            return
+        record, speed = self.pending
+        self.pending = None
+        record["lr"] = loop.stepper.lrs()
+        self.write(record, images_per_second=speed)
+        self.bar and self.bar.set_postfix(loss=f"{record['train_loss']:.3f}", lr=f"{record['lr'][0]:.3g}")
+
+    def write(self, record: dict, **extra) -> None:
+        self.log.write(record, echo=True, **extra)
 
 
 def train_step(net, optimizer, loss_fn, x, y, bf16: bool, skip_nonfinite: bool = False):
     """One optimizer step on batch (x, y); the detached loss, or None if it was NaN/inf and
     skip_nonfinite is set (that check is a host sync per step, hence opt-in).
-    Also what `make bench` times (tests/bench_train.py)."""
+    Also what `make bench` times (benchmarks/bench_train.py)."""
     import torch
 
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -601,4 +586,4 @@ def write_results(run_dir: Path, state: State, device, dist) -> None:
 _PROCESS_START = time.time()
 
 if __name__ == "__main__":
-    main()
+    cli()

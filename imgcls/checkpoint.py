@@ -11,10 +11,15 @@ Writes go to a hidden temp file in the same directory, are fsync'ed, and then
 either the old or the new checkpoint complete, never a half-written one. With
 `keep > 1` the previous files survive as `last.1.pt`, `last.2.pt`, ... (newest
 first) and `find_resumable` falls back to them if `last.pt` is unreadable.
+
+The second half is train.py's policy on top of that: what a run's checkpoint holds (`State`
+and `_save`), resuming from it with fallback (`resume`), trimming metrics.jsonl back to it,
+when to save (`checkpoint_due`) and which rank writes (`save`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -24,7 +29,10 @@ import warnings
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
+
+from imgcls import distributed
 
 __all__ = [
     "CheckpointError",
@@ -35,6 +43,12 @@ __all__ = [
     "rng_state",
     "set_rng_state",
     "unwrap_model",
+    "State",
+    "checkpoint_path",
+    "resume",
+    "save",
+    "checkpoint_due",
+    "CheckpointWriteError",
 ]
 
 
@@ -283,3 +297,134 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
+
+
+# --------------------------------------------------------------------------------------
+# The run's checkpoint policy (train.py): what a checkpoint holds, resuming with fallback
+# to a backup, trimming metrics.jsonl to the checkpoint, when to save, who writes.
+# --------------------------------------------------------------------------------------
+class State:
+    """Counters that a checkpoint carries, besides the model, optimizer and scheduler."""
+
+    def __init__(self):
+        self.step = 0            # optimizer steps done
+        self.epoch = 0           # epoch in progress
+        self.batch = 0           # next batch of that epoch
+        self.finished = False
+        self.best_acc = None     # best test accuracy so far
+        self.last_eval = None    # {"test_loss", "test_acc"} of the latest evaluation
+        self.loss_sum = 0.0      # training loss summed since the last log line...
+        self.loss_count = 0      # ...over this many steps
+        self.train_seconds = 0.0
+        self.images = 0          # training images processed (for images per second)
+        self.skipped_steps = 0   # steps whose loss was NaN/inf, dropped (trainer.skip_nonfinite)
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load(self, d: dict) -> None:
+        for k in vars(self):
+            if k in d:
+                setattr(self, k, d[k])
+
+
+def checkpoint_path(run_dir: Path) -> Path:
+    return run_dir / "checkpoints" / "last.pt"
+
+
+def resume(cfg: DictConfig, run_dir: Path, model, optimizer, scheduler, dist) -> State:
+    from imgcls.config import check_resume_config
+
+    state = State()
+    metrics = run_dir / "metrics.jsonl"
+    if cfg.resume == "never":
+        fresh_start(metrics, dist)
+        return state
+    if cfg.resume == "auto":
+        found = find_resumable(checkpoint_path(run_dir), cfg.trainer.keep_checkpoints)
+        if found is None:
+            fresh_start(metrics, dist)
+            return state
+        ckpt, path = found
+        set_aside_unreadable(checkpoint_path(run_dir), path, dist)
+    else:
+        path = Path(cfg.resume).expanduser()
+        ckpt = load_checkpoint(path)
+    check_resume_config(ckpt, cfg, path)
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise ValueError(f"resume: checkpoint {path} does not fit this model/optimizer/scheduler: {e}") from e
+    set_rng_state(ckpt["rng"])
+    state.load(ckpt["state"])
+    if dist.is_main:
+        trim_metrics(run_dir / "metrics.jsonl", state.step)
+    print(f"resumed from {path} at step {state.step} (epoch {state.epoch}, batch {state.batch})", flush=True)
+    if state.epoch < cfg.trainer.epochs and all(float(lr) == 0.0 for lr in scheduler.get_last_lr()):
+        print(f"warning: resume: the saved schedule has already brought the lr to 0 (step {state.step}); "
+              f"the epochs from {state.epoch} to {cfg.trainer.epochs} would train at lr 0 (a checkpoint's "
+              f"schedule keeps its lengths): start a new run directory to train longer", flush=True)
+    return state
+
+
+def fresh_start(metrics: Path, dist) -> None:
+    """Starting from step 0: drop what a run killed before its first checkpoint logged."""
+    if dist.is_main:
+        trim_metrics(metrics, 0)
+
+
+def set_aside_unreadable(last: Path, resumed_from: Path, dist) -> None:
+    """Resumed from a backup because last.pt is unreadable: rename it to last.pt.unreadable so
+    that the next save does not rotate it over the good backup it resumed from."""
+    if dist.is_main and resumed_from != last and last.exists():
+        os.replace(last, last.with_name(last.name + ".unreadable"))
+        print(f"resume: {last} was unreadable; kept as {last.name}.unreadable", flush=True)
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop metrics lines written after the checkpoint (a run killed between checkpoints)."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln)["step"] <= step]
+    if len(kept) != len(lines):
+        path.write_text("".join(ln + "\n" for ln in kept))
+
+
+def save(cfg: DictConfig, run_dir: Path, model, optimizer, scheduler, state: State, dist) -> None:
+    """Rank 0 writes (every rank holds the same weights); the others wait for it."""
+    if not dist.is_main:
+        distributed.barrier(dist)
+        return
+    try:
+        _save(cfg, run_dir, model, optimizer, scheduler, state)
+    except OSError as e:
+        raise CheckpointWriteError(str(e)) from e
+    distributed.barrier(dist)
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, read-only...); the previous one is intact."""
+
+
+def _save(cfg: DictConfig, run_dir: Path, model, optimizer, scheduler, state: State) -> None:
+    save_checkpoint(
+        {
+            "model": unwrap_model(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "state": state.to_dict(),
+            "rng": rng_state(),
+            "config": OmegaConf.to_container(cfg, resolve=True),
+            "config_unresolved": OmegaConf.to_container(cfg, resolve=False),
+        },
+        checkpoint_path(run_dir),
+        keep=cfg.trainer.keep_checkpoints,
+    )
+
+
+def checkpoint_due(t, state: State) -> bool:
+    """After an epoch: every trainer.checkpoint_every epochs and at the end (and on a stop)."""
+    return state.finished or state.epoch % t.checkpoint_every == 0

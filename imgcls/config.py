@@ -14,9 +14,15 @@ data before it builds the scheduler, so ``trainer.epochs=30`` stretches every sc
 
 from __future__ import annotations
 
+import difflib
+import sys
+from pathlib import Path
+
 from omegaconf import DictConfig, OmegaConf
 
 INTERVALS = ("step", "epoch")
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+EXIT_BAD_INPUT = 2  # as train.py: a config value was refused
 
 
 def schedule_units_per_epoch(root: DictConfig) -> int:
@@ -58,6 +64,351 @@ def register_resolvers() -> None:
         "mul": _mul,
     }.items():
         OmegaConf.register_new_resolver(name, fn, replace=True)
+
+
+# --------------------------------------------------------------------------------------
+# When the scheduler steps: the ONE place (train.py, the preview and the conf tests call it)
+# --------------------------------------------------------------------------------------
+class SchedulerStepper:
+    """Steps ``scheduler`` after every optimizer step (``schedule.interval: step``) or after
+    every epoch (``epoch``); an epoch-end step gets the latest test loss when a
+    ReduceLROnPlateau phase needs it. ``lrs()`` is what ``metrics.jsonl`` logs as ``lr`` at
+    step N: the lr in effect after N optimizer steps and the scheduler steps due by then (the
+    lr step N+1 uses; at the end of the run, the lr the run ends with), whatever the interval."""
+
+    def __init__(self, scheduler, optimizer, interval: str):
+        from sched import needs_metrics
+
+        if interval not in INTERVALS:
+            raise ValueError(f"schedule.interval: {interval!r} is not one of {list(INTERVALS)}")
+        self.scheduler, self.optimizer = scheduler, optimizer
+        self.per_step = interval == "step"
+        self.wants_metric = needs_metrics(scheduler)
+
+    def after_step(self) -> None:
+        if self.per_step:
+            self.scheduler.step()
+
+    def after_epoch(self, test_loss: float | None) -> None:
+        if self.per_step:
+            return
+        if self.wants_metric and test_loss is not None:
+            self.scheduler.step(test_loss)
+        else:
+            self.scheduler.step()
+
+    def lrs(self) -> list[float]:
+        return [float(g["lr"]) for g in self.optimizer.param_groups]
+
+
+# --------------------------------------------------------------------------------------
+# Does the schedule fit the run? (after its lengths are resolved; train.py and the preview)
+# --------------------------------------------------------------------------------------
+_LENGTHS = {"LinearLR": "total_iters", "PolynomialLR": "total_iters", "CosineAnnealingLR": "T_max"}
+
+
+def schedule_misfits(scheduler, cfg: DictConfig) -> list[str]:
+    """What of the built ``scheduler`` the run never reaches: a milestone at or past the end of
+    the run (or of its enclosing phase), so the phase after it never runs, or a phase with a
+    target (LinearLR/PolynomialLR ``total_iters``, CosineAnnealingLR ``T_max``) that cannot
+    complete before the end. Each in the schedule's units, steps and epochs."""
+    spe = int(cfg.schedule.steps_per_epoch)
+    per_step = cfg.schedule.interval == "step"
+    total = schedule_total_units(cfg)
+
+    def at(units: int) -> str:
+        steps = units if per_step else units * spe
+        return f"step {steps} (epoch {steps / spe:g})"
+
+    found = []
+
+    def walk(s, offset: int, end: int, path: str) -> None:
+        where = "the run" if end == total else "its phase"
+        milestones, children = getattr(s, "_milestones", None), getattr(s, "_schedulers", None)
+        if milestones is not None and children is not None:  # a SequentialLR
+            for i, m in enumerate(milestones):
+                if offset + m >= end:
+                    found.append(f"{path}milestones[{i}] = {m} starts {path}schedulers[{i + 1}] at {at(offset + m)}, not "
+                                 f"before the end of {where} at {at(end)}: that phase never runs")
+                    break
+            starts = [0, *milestones]
+            for i, child in enumerate(children):
+                start = offset + starts[i]
+                if start >= end:
+                    break
+                stop = min(end, offset + milestones[i]) if i < len(milestones) else end
+                walk(child, start, stop, f"{path}schedulers[{i}].")
+            return
+        name = type(s).__name__
+        if name == "MultiStepLR":
+            for m in sorted(s.milestones):
+                if offset + m >= end:
+                    found.append(f"{path}milestones: {m} is at {at(offset + m)}, not before the end of "
+                                 f"{where} at {at(end)}: that decay never happens")
+        key = _LENGTHS.get(name)
+        if key is not None and offset + int(getattr(s, key)) > end:
+            n = int(getattr(s, key))
+            found.append(f"{path}{key} = {n}: the {name} phase from {at(offset)} needs until "
+                         f"{at(offset + n)}, but {where} ends at {at(end)}: it never completes")
+
+    walk(scheduler, 0, total, "scheduler.")
+    return found
+
+
+def check_schedule_fits(scheduler, cfg: DictConfig) -> None:
+    """Refuse a schedule that does not fit the run (schedule.allow_truncated=true: a warning)."""
+    misfits = schedule_misfits(scheduler, cfg)
+    if not misfits:
+        return
+    spe = cfg.schedule.steps_per_epoch
+    message = (f"{misfits[0]} (the run: {cfg.trainer.epochs} epochs x {spe} steps = "
+               f"{cfg.trainer.epochs * spe} steps); shorten the schedule, raise trainer.epochs, "
+               f"or set schedule.allow_truncated=true to run it cut short")
+    if not cfg.schedule.allow_truncated:
+        raise ValueError(message)
+    print(f"warning: {message.split('; shorten')[0]}; running it cut short (schedule.allow_truncated=true)",
+          file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------
+# Composition: the ONE function that turns overrides into the config train.py would get
+# (used by the preview, the tests and the benchmarks; train.py's own Hydra composes the same
+# files, and `preflight` refuses a bad command line before it).
+# --------------------------------------------------------------------------------------
+class ConfigError(ValueError):
+    """A config that cannot be composed: one line naming the key, the value and what is accepted."""
+
+
+def setup() -> None:
+    """The resolvers and the schema (idempotent): what composing conf/ needs."""
+    from imgcls.schema import register_configs
+
+    register_resolvers()
+    register_configs()
+
+
+def compose_config(overrides, return_hydra_config: bool = False) -> tuple[DictConfig, dict]:
+    """The config train.py would get for ``overrides`` (schema-checked), and the chosen option
+    of each group. ConfigError (one line) if it cannot be composed."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    setup()
+    overrides = list(overrides)
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="compose"):
+            cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(composition_error(e, overrides)) from e
+    check_schema(cfg)
+    choices = {k: v for k, v in cfg.hydra.runtime.choices.items() if not k.startswith("hydra/")}
+    if not return_hydra_config:
+        from omegaconf import open_dict
+
+        with open_dict(cfg):
+            del cfg["hydra"]  # train.py's cfg has no hydra node either
+    return cfg, choices
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).split("Config search path:")[0]
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _override_of(key: str, overrides) -> tuple[str, str | None]:
+    """(the key as the override wrote it, its value) of the override that sets ``key`` or below."""
+    for o in overrides:
+        k, eq, v = o.partition("=")
+        k = k.lstrip("+~").split("@")[0]
+        if eq and (k == key or k.startswith(key + ".")):
+            return k, v
+    return key, None
+
+
+def _schema_of(cfg: DictConfig, key: str):
+    """The dataclass of the node at ``key`` (None for a free-form node)."""
+    import dataclasses
+
+    node = cfg if not key else OmegaConf.select(cfg, key, default=None)
+    kind = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+    return kind if kind is not None and dataclasses.is_dataclass(kind) else None
+
+
+def _accepted_keys(kind) -> list[str]:
+    import dataclasses
+
+    return [f.name for f in dataclasses.fields(kind)]
+
+
+def unknown_key_message(key: str, value, accepted: list[str], given: str | None = None) -> str:
+    """``given`` (default ``key``): the key as written, which may go below the unknown ``key``."""
+    parent, _, leaf = key.rpartition(".")
+    close = difflib.get_close_matches(leaf, accepted, n=1, cutoff=0.6)
+    hint = f" (did you mean {parent + '.' if parent else ''}{close[0]}?)" if close else ""
+    where = parent or "the top level"
+    return (f"{given or key}: {value} is not accepted: {where} has no key {leaf!r}{hint}; "
+            f"accepted: {', '.join(accepted)}")
+
+
+_TYPE_WORDS = {"int": "an int", "float": "a number", "bool": "true or false", "str": "a string",
+               "Optional[int]": "an int or null", "Optional[float]": "a number or null",
+               "List[int]": "a list of ints", "Any": "any value"}
+
+
+def _expected_type(kind, leaf: str) -> str:
+    import dataclasses
+
+    for f in dataclasses.fields(kind):
+        if f.name == leaf:
+            name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            return _TYPE_WORDS.get(name, name)
+    return "a value of the schema's type"
+
+
+def composition_error(e: BaseException, overrides) -> str:
+    """One line for an error Hydra/OmegaConf raised while composing ``overrides``."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+    cause = e.__cause__ if e.__cause__ is not None else e
+    if isinstance(e, MissingConfigException):
+        missing = e.missing_cfg_file or ""
+        group, _, option = missing.rpartition("/")
+        if group and e.options:
+            return (f"{group}: {option!r} is not an option of conf/{group}/; "
+                    f"accepted: {', '.join(sorted(e.options))}")
+        return _one_line(e)
+    if isinstance(e, OverrideParseException):
+        bad = _bad_override(overrides)
+        return f"{bad}: {_one_line(e)}"
+    key = getattr(cause, "full_key", None)
+    kind = getattr(cause, "object_type", None)
+    if key and isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
+        given, value = _override_of(key, overrides)
+        import dataclasses
+
+        if kind is not None and dataclasses.is_dataclass(kind):
+            accepted = _accepted_keys(kind)
+        else:  # a free-form node: its keys in the config composed without this override
+            accepted = _keys_without(key, overrides)
+        return unknown_key_message(key, value, accepted, given)
+    if key and isinstance(cause, ValidationError):
+        _, value = _override_of(key, overrides)
+        leaf = key.rpartition(".")[2]
+        expected = _expected_type(kind, leaf) if kind is not None else "another type"
+        return f"{key}: {value} is not accepted; expected {expected}"
+    return _named(_one_line(e) + (f": {_one_line(cause)}" if cause is not e else ""), overrides)
+
+
+def _keys_without(key: str, overrides) -> list[str]:
+    parent = key.rpartition(".")[0]
+    rest = [o for o in overrides if o.partition("=")[0].lstrip("+~") != key]
+    try:
+        cfg, _ = compose_config(rest)
+    except ConfigError:
+        return []
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    return sorted(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def _bad_override(overrides) -> str:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for o in overrides:
+        try:
+            parser.parse_override(o)
+        except Exception:
+            return f"override {o!r}"
+    return "overrides"
+
+
+def _named(message: str, overrides) -> str:
+    """``message`` prefixed with the override it quotes (Hydra names the key, not the value)."""
+    for o in overrides:
+        if f"'{o}'" in message:
+            return message
+        key = o.split("=", 1)[0].lstrip("+~")
+        if key and f"'{key}'" in message:
+            return f"override {o!r}: {message}"
+    return message
+
+
+def check_schema(cfg: DictConfig) -> None:
+    """Refuse keys a schema node does not have. OmegaConf refuses them on a plain override;
+    this catches those Hydra's ``+key=value`` adds with the struct flag lifted."""
+    for prefix in ("", "trainer", "schedule", "data"):
+        kind = _schema_of(cfg, prefix)
+        if kind is None:
+            continue
+        node = OmegaConf.select(cfg, prefix) if prefix else cfg
+        accepted = _accepted_keys(kind)
+        for k in node.keys():
+            if k not in accepted and not (prefix == "" and k == "hydra"):
+                key = f"{prefix}.{k}" if prefix else str(k)
+                raise ConfigError(unknown_key_message(key, OmegaConf.select(cfg, key, throw_on_missing=False),
+                                                      accepted))
+
+
+def preflight(argv) -> None:
+    """train.py's command line, composed as Hydra will compose it, before Hydra (and torch)
+    start: a refused config ends here with one ``error:`` line and exit code 2. Also answers
+    ``--cfg job --resolve`` (with schedule.steps_per_epoch counted from the data config)."""
+    import os
+
+    from hydra._internal.utils import get_args_parser
+
+    args, _ = get_args_parser().parse_known_args(list(argv))
+    if args.help or args.hydra_help or args.info or args.shell_completion or args.config_path \
+            or args.config_name or args.config_dir or args.experimental_rerun:
+        return
+    try:
+        cfg, _ = compose_config(_one_job(args.overrides) if args.multirun else args.overrides)
+        if args.cfg == "job" and args.resolve and not args.package:
+            fill_steps_per_epoch(cfg)
+            OmegaConf.resolve(cfg)
+            print(OmegaConf.to_yaml(cfg), end="", flush=True)
+            sys.exit(0)
+    except ValueError as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def _one_job(overrides) -> list[str]:
+    """A multirun's overrides with each sweep replaced by its first value (one job to check)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    out = []
+    for text in overrides:
+        try:
+            o = parser.parse_override(text)
+        except Exception:
+            out.append(text)  # composing reports it
+            continue
+        if not o.is_sweep_override():
+            out.append(text)
+        elif o.is_choice_sweep() and o.value_type.name != "GLOB_CHOICE_SWEEP" or o.is_range_sweep():
+            first = next(iter(o.sweep_string_iterator()), None)
+            if first is not None:
+                out.append(f"{o.get_key_element()}={first}")
+    return out
+
+
+def fill_steps_per_epoch(cfg: DictConfig, given: int | None = None) -> str:
+    """``schedule.steps_per_epoch`` from the data config, without reading images (as the
+    preview counts it); returns where the number came from."""
+    from omegaconf import open_dict
+
+    from imgcls.preview import steps_per_epoch
+
+    spe, source = steps_per_epoch(cfg, given)
+    with open_dict(cfg):
+        cfg.schedule.steps_per_epoch = spe
+    return source
 
 
 # --------------------------------------------------------------------------------------
@@ -124,12 +475,17 @@ def _targets(node) -> list[str]:
     return []
 
 
-def validate_config(cfg: DictConfig, run_dir):
-    """Check the composed config; return the torch device to train on."""
-    import torch
-
+def validate_config(cfg: DictConfig) -> None:
+    """Check the composed config: what its schema cannot express (ranges, choices, how the
+    parts fit together). Touches no file and no device: see pick_device and check_writable."""
     from imgcls.data import DATASET_NAMES
 
+    check_schema(cfg)
+    missing = [f"{part}.{k}" for part in ("data", "trainer") for k in cfg[part] if OmegaConf.is_missing(cfg[part], k)]
+    if missing:
+        hint = " (the folder or archive with train/<class>/*, test/<class>/*)" if missing[0] == "data.path" else ""
+        raise ValueError(f"{missing[0]}: ??? (no value) is not accepted; this option needs one: "
+                         f"pass {missing[0]}=...{hint}")
     for key in ("trainer.epochs", "trainer.batch_size", "trainer.eval_batch_size", "trainer.eval_every",
                 "trainer.log_every", "trainer.checkpoint_every", "trainer.keep_checkpoints"):
         _int_at_least(cfg, key, 1)
@@ -142,27 +498,34 @@ def validate_config(cfg: DictConfig, run_dir):
     for key in SWITCHES:
         _switch(cfg, key)
     _one_of(cfg, "schedule.interval", INTERVALS)
-    _one_of(cfg, "data.name", DATASET_NAMES)
+    data_schema = _schema_of(cfg, "data")
+    _one_of(cfg, "data.name", data_schema.NAMES if data_schema is not None else DATASET_NAMES)
     lr = OmegaConf.select(cfg, "optimizer.lr")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or lr != lr or lr == float("inf"):
         raise ValueError(f"optimizer.lr: {lr!r} is not accepted; expected a finite number > 0")
     smoothing = cfg.trainer.label_smoothing
     if not isinstance(smoothing, (int, float)) or not 0.0 <= smoothing < 1.0:
         raise ValueError(f"trainer.label_smoothing: {smoothing!r} is not accepted; expected a number in [0, 1)")
-    if any(t.endswith("ReduceLROnPlateau") for t in _targets(OmegaConf.to_container(cfg.scheduler))):
+    scheduler = OmegaConf.to_container(cfg.scheduler)
+    if any(t.endswith("ReduceLROnPlateau") for t in _targets(scheduler)):
         if cfg.schedule.interval != "epoch" or cfg.trainer.eval_every != 1:
             raise ValueError(
                 "scheduler: a ReduceLROnPlateau phase needs the test loss every epoch: set "
                 f"schedule.interval=epoch (is {cfg.schedule.interval!r}) and trainer.eval_every=1 "
                 f"(is {cfg.trainer.eval_every!r})"
             )
+    if cfg.schedule.warmup is not None and "schedule.warmup" not in str(scheduler):
+        raise ValueError(f"schedule.warmup: {cfg.schedule.warmup} is not accepted: this scheduler option "
+                         f"does not read it (only options whose YAML uses ${{schedule.warmup}} do)")
     resume = cfg.resume
     if resume not in ("auto", "never"):
-        from pathlib import Path
-
         if not isinstance(resume, str) or not Path(resume).expanduser().is_file():
             raise ValueError(f"resume: {resume!r} is not accepted; expected auto, never or the path of a checkpoint file")
-    _check_writable(run_dir)
+
+
+def pick_device(cfg: DictConfig):
+    """The torch device of trainer.device (auto: this job's GPU if there is one, else the CPU)."""
+    import torch
 
     want = cfg.trainer.device
     if want == "cuda" and not torch.cuda.is_available():
@@ -187,9 +550,8 @@ def _job_gpu() -> int:
     return torch.cuda.current_device()
 
 
-def _check_writable(run_dir) -> None:
-    from pathlib import Path
-
+def check_writable(run_dir) -> None:
+    """Create <run dir>/checkpoints and probe it: an unwritable run directory fails at start-up."""
     ckpt_dir = Path(run_dir) / "checkpoints"
     try:
         ckpt_dir.mkdir(parents=True, exist_ok=True)

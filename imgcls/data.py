@@ -587,6 +587,9 @@ class DeviceLoader:
     ``alternating_flip``: flips follow airbench's scheme instead: in epoch 2k a random half
     of the images (drawn from ``(seed, k)``) is flipped, in epoch 2k+1 exactly the others.
     train=False: all images in order, no augmentation; the last batch may be short.
+    ``rank``/``world`` (torchrun): ``batch_size`` is the global batch, drawn from the one
+    per-epoch permutation, and rank r gets its images ``r::world``: N ranks together see the
+    batches one process sees (so a resume with another N continues the same data order).
 
     x: ``dtype`` ``[B, C, H, W]``, ``(pixel/255 - mean) / std``, channels_last if asked.
     y: int64 ``[B]``. Both on ``device``.
@@ -596,7 +599,8 @@ class DeviceLoader:
                  device: torch.device | str, mean: Sequence[float], std: Sequence[float],
                  train: bool, seed: int = 0, crop_padding: int = 4, flip: bool = True,
                  drop_last: bool = True, channels_last: bool = False,
-                 dtype: torch.dtype = torch.float32, alternating_flip: bool = False):
+                 dtype: torch.dtype = torch.float32, alternating_flip: bool = False,
+                 rank: int = 0, world: int = 1):
         if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images: expected a uint8 [N, C, H, W] tensor, got "
                              f"{getattr(images, 'dtype', type(images))} {tuple(getattr(images, 'shape', ()))}")
@@ -628,6 +632,9 @@ class DeviceLoader:
         self.crop_padding = int(crop_padding)
         self.flip = bool(flip)
         self.alternating_flip = bool(alternating_flip)
+        if not (_is_int(world) and world >= 1 and _is_int(rank) and 0 <= rank < world):
+            raise ValueError(f"rank/world: {rank!r}/{world!r}; expected 0 <= rank < world")
+        self.rank, self.world = int(rank), int(world)
         self.drop_last = bool(drop_last)
         self.channels_last = bool(channels_last)
         self.dtype = dtype
@@ -694,7 +701,7 @@ class DeviceLoader:
         plan = {k: v.to(self.device, non_blocking=True) for k, v in self.epoch_plan(epoch).items()}
         perm = plan["perm"]
         for b in range(start, nb):
-            idx = perm[b * bs: min((b + 1) * bs, self.n)]
+            idx = perm[b * bs: min((b + 1) * bs, self.n)][self.rank::self.world]  # this rank's share
             yield self._augment(idx, plan), self.labels[idx]
 
     def _augment(self, idx: torch.Tensor, plan: dict[str, torch.Tensor]) -> torch.Tensor:

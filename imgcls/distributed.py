@@ -1,9 +1,9 @@
 """Data parallel through torchrun: `torchrun --nproc_per_node=N train.py ...`.
 
 torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; with WORLD_SIZE > 1 train.py joins a process
-group (NCCL on CUDA, gloo on the CPU), wraps the model in DistributedDataParallel, keeps 1/N
-of the training set on each rank's device, and lets only rank 0 write logs, results and
-checkpoints. Without torchrun everything here is a no-op.
+group (NCCL on CUDA, gloo on the CPU), wraps the model in DistributedDataParallel, keeps the
+whole training set on each rank's device (rank r trains on images r::N of each global batch),
+and lets only rank 0 write logs, results and checkpoints. Without torchrun everything here is a no-op.
 """
 
 from __future__ import annotations
@@ -90,11 +90,3 @@ def shutdown(dist: Dist) -> None:
 
         if td.is_initialized():
             td.destroy_process_group()
-
-
-def shard(images, labels, dist: Dist):
-    """Rank r keeps images r, r+N, r+2N, ... (the same count on every rank)."""
-    if not dist.enabled:
-        return images, labels
-    per_rank = len(labels) // dist.world
-    return images[dist.rank :: dist.world][:per_rank], labels[dist.rank :: dist.world][:per_rank]

@@ -35,15 +35,13 @@ import copy
 import importlib.util
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from imgcls.config import config_errors, register_resolvers
+from imgcls.config import SchedulerStepper, _one_line, check_schedule_fits, config_errors
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000}  # official training-set sizes
 TABLE_ROWS = 10          # evenly spaced table rows (plus the first, the milestones and the end)
 PLATEAU_AT = 0.3         # the synthetic test loss stops improving at this fraction of the run
@@ -59,75 +57,25 @@ class PreviewError(ValueError):
 # config
 # --------------------------------------------------------------------------------------
 def compose_config(overrides: list[str]) -> tuple[DictConfig, dict]:
-    """The config train.py would get for ``overrides``, and the chosen option of each group."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+    """The config train.py would get for ``overrides`` (imgcls.config's composition)."""
+    from imgcls.config import ConfigError
+    from imgcls.config import compose_config as compose
 
-    register_resolvers()
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="preview"):
-            cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
-    except MissingConfigException as e:
-        raise PreviewError(_missing_option_message(e)) from e
-    except OverrideParseException as e:
-        raise PreviewError(f"{_bad_override(overrides)}: {_one_line(e)}") from e
-    except HydraException as e:
-        raise PreviewError(_named(_one_line(e), overrides)) from e
-    choices = {k: v for k, v in cfg.hydra.runtime.choices.items() if not k.startswith("hydra/")}
-    with open_dict(cfg):
-        del cfg["hydra"]  # train.py's cfg has no hydra node either
-    return cfg, choices
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).split("Config search path:")[0]
-    return " ".join(line.strip() for line in text.splitlines() if line.strip())
-
-
-def _named(message: str, overrides: list[str]) -> str:
-    """``message`` prefixed with the override it quotes (Hydra names the key, not the value)."""
-    for o in overrides:
-        if f"'{o}'" in message:
-            return message
-        key = o.split("=", 1)[0].lstrip("+~")
-        if key and f"'{key}'" in message:
-            return f"override {o!r}: {message}"
-    return message
-
-
-def _missing_option_message(e) -> str:
-    missing = e.missing_cfg_file or ""
-    group, _, option = missing.rpartition("/")
-    if group and e.options:
-        return (f"{group}: {option!r} is not an option of conf/{group}/; "
-                f"accepted: {', '.join(sorted(e.options))}")
-    return _one_line(e)
-
-
-def _bad_override(overrides: list[str]) -> str:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parser = OverridesParser.create()
-    for o in overrides:
-        try:
-            parser.parse_override(o)
-        except Exception:
-            return f"override {o!r}"
-    return "overrides"
+        return compose(overrides)
+    except ConfigError as e:
+        raise PreviewError(str(e)) from e
 
 
 def check_config(cfg: DictConfig) -> None:
-    """train.py's start-up validation, less what a preview does not use: the device (a
-    cuda preset previews on a CPU), the resume setting and the run directory."""
+    """train.py's start-up validation (the device and the run directory are not checked:
+    a cuda preset previews on a CPU)."""
     from imgcls.config import validate_config
 
     probe = copy.deepcopy(cfg)
     with open_dict(probe):
-        if probe.trainer.get("device") == "cuda":
-            probe.trainer.device = "cpu"
         probe.resume = "never"
-    with tempfile.TemporaryDirectory(prefix="preview-") as tmp:
-        validate_config(probe, Path(tmp))
+    validate_config(probe)
 
 
 def steps_per_epoch(cfg: DictConfig, given: int | None = None) -> tuple[int, str]:
@@ -228,34 +176,26 @@ def simulate(cfg: DictConfig) -> tuple[list[list[float]], object, int | None]:
     ReduceLROnPlateau is fed the synthetic loss, the epoch at which that loss plateaus."""
     import torch
 
-    from sched import needs_metrics
-
     with config_errors("optimizer"):
         optimizer = _instantiate(cfg.optimizer)([torch.nn.Parameter(torch.zeros(1))])
     with config_errors("scheduler"):
         scheduler = _instantiate(cfg.scheduler)(optimizer)
+    check_schedule_fits(scheduler, cfg)  # as train.py: a milestone past the end is refused
     epochs, spe = cfg.trainer.epochs, cfg.schedule.steps_per_epoch
-    per_step = cfg.schedule.interval == "step"
-    metrics = needs_metrics(scheduler)
-    plateau_epoch = max(1, round(PLATEAU_AT * epochs)) if metrics else None
+    stepper = SchedulerStepper(scheduler, optimizer, cfg.schedule.interval)  # as train.py steps it
+    plateau_epoch = max(1, round(PLATEAU_AT * epochs)) if stepper.wants_metric else None
 
-    def current() -> list[float]:
-        return [float(g["lr"]) for g in optimizer.param_groups]
-
-    lrs = []
+    lrs = [stepper.lrs()]  # the lr step 0 uses
     with config_errors("scheduler"):
         for epoch in range(epochs):
-            for _ in range(spe):
-                lrs.append(current())  # the lr this optimizer step uses
+            for i in range(spe):
                 optimizer.step()       # no gradients: nothing changes, but torch sees the order
-                if per_step:
-                    scheduler.step()
-            if not per_step:
-                if metrics:
-                    scheduler.step(synthetic_test_loss(epoch + 1, plateau_epoch))
-                else:
-                    scheduler.step()
-        lrs.append(current())          # after the last step: the lr the run ends with
+                stepper.after_step()
+                if i + 1 < spe:
+                    lrs.append(stepper.lrs())
+            loss = synthetic_test_loss(epoch + 1, plateau_epoch) if plateau_epoch is not None else None
+            stepper.after_epoch(loss)
+            lrs.append(stepper.lrs())  # after the epoch's last step (and the end of the run)
     return lrs, scheduler, plateau_epoch
 
 

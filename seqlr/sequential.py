@@ -32,8 +32,8 @@ import numbers
 import operator
 import sys
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch

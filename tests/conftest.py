@@ -1,17 +1,43 @@
-"""Shared fixtures: running train.py in a subprocess, and the real-data subset."""
+"""Shared helpers (here only): running train.py in a subprocess, reading a run's metrics and
+weights, and the real-data subset. Tests come in three tiers, marked per module below
+(`pytest -m unit`, `-m integration`, `-m system`): unit (no subprocess, no training run),
+integration (train.py's command line in this process), system (train.py in subprocesses:
+signals, faults, torchrun, sweeps)."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_JPG = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
+
+
+TIERS = {
+    "unit": ("test_sequential", "test_sequential_properties", "test_checkpoint", "test_conf", "test_data",
+             "test_models", "test_schema", "sequential"),
+    "integration": ("test_bad_input",),
+    "system": ("test_train", "test_faults", "test_distributed", "test_sweeps", "test_loggers", "test_preview",
+               "test_gpu", "test_gpu_recipe_cpu", "test_gpu_report", "test_bench_train", "test_import_sched"),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark each test with its module's tier (a module is in the tier of its heaviest test)."""
+    tier_of = {module: tier for tier, modules in TIERS.items() for module in modules}
+    for item in items:
+        tier = tier_of.get(Path(str(item.fspath)).stem)
+        if tier is not None:
+            item.add_marker(getattr(pytest.mark, tier))
 
 
 def train_cmd(*overrides: str) -> list[str]:
@@ -43,3 +69,58 @@ def extract_cifar_subset(dest: Path, per_split: dict[str, int]) -> Path:
                 counts[key] = counts.get(key, 0) + 1
                 tf.extract(m, dest, filter="data")
     return dest
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(run_dir, name="last.pt"):
+    return torch.load(run_dir / "checkpoints" / name, weights_only=True)["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"weights differ at {k}"
+
+
+def build_recipe(*overrides: str):
+    """train.py's config, data, model, optimizer and scheduler for ``overrides``, built in this
+    process exactly as train.recipe builds them (one process, no run directory)."""
+    import train
+    from imgcls import distributed
+    from imgcls.config import compose_config, pick_device, validate_config
+
+    cfg = compose_config(list(overrides))[0]
+    validate_config(cfg)
+    device = pick_device(cfg)
+    data = train.load_data(cfg, device, distributed.Dist())
+    model = train.build_model(cfg, data.num_classes, device)
+    optimizer = train.build_optimizer(cfg, model, device)
+    return cfg, device, data, model, optimizer, train.build_scheduler(cfg, optimizer)
+
+
+def run_until_sigterm(run_dir, overrides, after_lines: int, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run train.py, and once metrics.jsonl has ``after_lines`` lines: pause it (SIGSTOP), note
+    the last step it logged (in ``.signalled_at``), send SIGTERM and let it go on (SIGCONT)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        train_cmd(*overrides, f"hydra.run.dir={run_dir}"), cwd=ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    log = run_dir / "metrics.jsonl"
+    deadline = time.time() + timeout  # seconds (a compiled run takes minutes on a 2-core CPU)
+    signalled_at = None
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= after_lines:
+            proc.send_signal(signal.SIGSTOP)
+            signalled_at = max(json.loads(line)["step"] for line in log.read_text().splitlines())
+            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGCONT)
+            break
+        time.sleep(0.005)
+    out, _ = proc.communicate(timeout=timeout)
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+    done.signalled_at = signalled_at
+    return done

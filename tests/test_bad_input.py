@@ -1,8 +1,8 @@
 """Every row of the README's "Bad input" table, run as written, in this process.
 
 Each row is `python train.py experiment=smoke <input>`: it must end before any training step
-with the exit code and the error text of its row. Running train.main() in-process (Hydra's
-own entry point, with sys.argv set) keeps the 39 rows to seconds.
+with the exit code and the error text of its row. Running train.cli() in-process (the
+command line, with sys.argv set) keeps the rows to seconds.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def run_in_process(args, run_dir):
     code = 0
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-            train.main()
+            train.cli()
     except SystemExit as e:
         code = e.code
     finally:

@@ -1,4 +1,4 @@
-"""tests/bench_train.py runs end to end on the CPU at its smallest and reports every figure."""
+"""benchmarks/bench_train.py runs end to end on the CPU at its smallest and reports every figure."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from tests.conftest import ROOT
 @pytest.mark.slow
 def test_bench_train_cpu_smallest_reports_positive_figures(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(ROOT / "tests" / "bench_train.py"), "--device", "cpu", "--models", "resnet9",
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--device", "cpu", "--models", "resnet9",
            "--width", "8", "--batch", "16", "--steps", "2", "--warmup", "1", "--matmul-n", "512",
            "--json", str(out)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

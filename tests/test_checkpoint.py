@@ -131,6 +131,43 @@ def test_keep_3_rotation(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.1.pt", "last.2.pt", "last.pt"]
 
 
+def test_stale_temp_files_of_this_checkpoint_go_and_others_stay(tmp_path):
+    """A save killed mid-write (SIGKILL) leaves .last.pt.<random>.tmp (and .bak.tmp): the next
+    save of last.pt removes them; a temp file of another checkpoint or program is left alone."""
+    stale = [tmp_path / ".last.pt.abc123.tmp", tmp_path / ".last.pt.def456.bak.tmp"]
+    others = [tmp_path / ".other.pt.abc123.tmp", tmp_path / "notes.tmp", tmp_path / ".last.pt.tmp.keep"]
+    for p in stale + others:
+        p.write_bytes(b"partial")
+    save_checkpoint(_small_state(1), tmp_path / "last.pt", keep=2)
+    save_checkpoint(_small_state(2), tmp_path / "last.pt", keep=2)
+    assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in others)
+    assert load_checkpoint(tmp_path / "last.pt")["tag"] == 2
+
+
+def test_temp_file_is_fsynced_before_it_replaces_the_checkpoint(tmp_path, monkeypatch):
+    """Without the fsync a crash after the rename can leave last.pt empty (the rename reached
+    the disk, the data did not): the temp file's own fd is fsync'ed before os.replace."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))))
+        return real_fsync(fd)
+
+    def replace(src, dst, *a, **k):
+        events.append(("replace", os.path.basename(str(src)), os.path.basename(str(dst))))
+        return real_replace(src, dst, *a, **k)
+
+    monkeypatch.setattr(ckpt.os, "fsync", fsync)
+    monkeypatch.setattr(ckpt.os, "replace", replace)
+    save_checkpoint(_small_state(1), tmp_path / "last.pt")
+    final = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == "last.pt")
+    tmp_name = events[final][1]
+    assert tmp_name.startswith(".last.pt.") and tmp_name.endswith(".tmp")
+    assert ("fsync", tmp_name) in events[:final], events
+
+
 def test_keep_1_writes_no_backups(tmp_path):
     path = tmp_path / "last.pt"
     save_checkpoint(_small_state(1), path)

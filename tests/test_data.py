@@ -20,9 +20,7 @@ from PIL import Image
 
 from imgcls import data as D
 from imgcls.data import DataNotFoundError, DeviceLoader, load_dataset
-
 from tests.conftest import extract_cifar_subset
-
 
 # --------------------------------------------------------------------------------------
 # helpers: tiny archives in the official CIFAR python format

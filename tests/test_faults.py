@@ -25,7 +25,8 @@ Every test drives `python train.py experiment=smoke ...` in subprocesses (CPU, s
 5. Resuming with a changed config: model / optimizer / scheduler changes are refused (exit 2,
    the differing keys listed, last.pt byte-identical); resume_force=true loads when shapes fit and
    fails cleanly when they do not; trainer.epochs / trainer.eval_every are accepted and logged.
-   data.synthetic_size is checked to be refused or at least logged, never silently accepted.
+   data.synthetic_size is refused like a model change (exit 2, listed, last.pt unchanged);
+   data.root (where the data lives) is accepted: tests/test_conf.py (synthetic data has no root).
 6. Non-finite loss: a fresh run with optimizer.lr=1e10 exits 3 pointing at skip_nonfinite and
    saves no non-finite weights; resuming a good run with model.scale_out=1e39 exits 3 with last.pt
    byte-identical; with trainer.skip_nonfinite=true the same run finishes with skipped_steps > 0.
@@ -60,8 +61,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.conftest import ROOT, run_train, train_cmd
-from tests.test_train import _run_until_sigterm, assert_same_weights, metrics, weights
+from tests.conftest import ROOT, assert_same_weights, metrics, run_train, train_cmd, weights
+from tests.conftest import run_until_sigterm as _run_until_sigterm
 
 SMOKE = ["experiment=smoke"]
 SMOKE3 = [*SMOKE, "trainer.epochs=3", "trainer.log_every=1"]  # 24 steps, 27 metrics lines
@@ -253,14 +254,16 @@ def test_sigkill_at_random_moments_never_loses_or_truncates_a_checkpoint(tmp_pat
             phase = "training, before a new checkpoint"
         phases[kind, phase] += 1
 
+    stray = len(_temp_files(ckpt_dir))
     finished = run_train(*SMOKE3, f"hydra.run.dir={run}")
+    assert not _temp_files(ckpt_dir), "the next save removes the temp files killed saves left"
     assert_same_weights(weights(run), reference.weights)
     assert sum(phases.values()) == len(plan) and lost == 0
     print(f"\n{len(plan)} SIGKILL trials (start-up {reference.startup:.1f} s, training {reference.training:.1f} s, "
           f"run {reference.seconds:.1f} s): "
           f"{sorted(phases.items())}; "
           f"last.pt step after each: {history}; checkpoints lost: {lost}; "
-          f"stray temp files left by kills: {len(_temp_files(ckpt_dir))}")
+          f"stray temp files left by kills: {stray}")
     assert metrics(run) == reference.metrics, finished.stdout
 
 
@@ -393,12 +396,9 @@ def test_changed_config_on_resume_is_refused_forced_or_logged(tmp_path, one_epoc
         assert _sha(dirs[override] / "checkpoints" / "last.pt") == original
         assert "step=" not in procs[override].stdout
 
-    # data.synthetic_size changes the data and steps per epoch: refused, or at least logged
-    size = procs["data.synthetic_size"]
-    if size.returncode == 2:
-        _assert_clean_error(size, 2, "data.synthetic_size")
-    else:
-        assert size.returncode == 0 and "config changed" in size.stdout and "data.synthetic_size" in size.stdout
+    # data.synthetic_size changes the data and steps per epoch: refused like a model change
+    _assert_clean_error(procs["data.synthetic_size"], 2, "differing keys: data.synthetic_size")
+    assert _sha(dirs["data.synthetic_size"] / "checkpoints" / "last.pt") == original
 
     forced = procs["force"]
     assert forced.returncode == 0, forced.stderr
@@ -415,8 +415,6 @@ def test_changed_config_on_resume_is_refused_forced_or_logged(tmp_path, one_epoc
     assert "trainer.epochs" in changed and "trainer.eval_every" in changed
     lines = metrics(dirs["safe"])
     assert [m["step"] for m in lines if "test_acc" in m] == [8, 24]  # epoch 2 skipped, the last one always done
-    print(f"\ndata.synthetic_size on resume: exit {size.returncode}"
-          + ("" if size.returncode else " (accepted as a safe change, only logged)"))
 
 
 # --------------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ import json
 import pytest
 import torch
 
-from tests.conftest import run_train
-from tests.test_train import _run_until_sigterm, metrics
+import train
+from tests.conftest import build_recipe, metrics, run_train
+from tests.conftest import run_until_sigterm as _run_until_sigterm
 
 pytestmark = [
     pytest.mark.gpu,
@@ -40,15 +41,13 @@ def test_cuda_sigterm_resume_same_lr_every_step_and_deterministic_weights(tmp_pa
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_cuda_per_step_work_has_no_host_sync(tmp_path):
+def test_cuda_per_step_work_has_no_host_sync():
     """What the loop runs every step (a loader batch, train_step, scheduler.step, the loss summed
     on the device) under torch's sync debug mode: any device-to-host wait raises. The first
     batch (the epoch plan moves to the GPU) and the first steps (cudnn autotuning) run outside it."""
-    import train
-    from tests.test_gpu_recipe_cpu import build_recipe
-
     cfg, device, data, model, optimizer, scheduler = build_recipe(
-        tmp_path, "trainer.device=cuda", "trainer.precision=auto", "trainer.channels_last=auto", "trainer.fused=auto")
+        "experiment=smoke", "trainer.device=cuda", "trainer.precision=auto", "trainer.channels_last=auto",
+        "trainer.fused=auto")
     train.seed_everything(cfg.trainer.seed, False, device)  # cudnn.benchmark, as a run sets it
     assert optimizer.param_groups[0]["fused"] is True
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.trainer.label_smoothing)

@@ -13,43 +13,35 @@ same on CUDA with torch's sync debug mode).
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import time
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 import train
 from imgcls import distributed
-from imgcls.config import device_switch, fused_argument, register_resolvers
-from tests.conftest import ROOT, run_train, train_cmd
+from imgcls.config import compose_config, device_switch, fused_argument
+from tests.conftest import build_recipe, metrics, run_train, run_until_sigterm
 
-register_resolvers()
 # cifar10_fast as a GPU runs it, on a CPU in seconds per step: tiny width, synthetic data
-TINY = ["experiment=cifar10_fast", "data=synthetic", "model.width=8", "trainer.device=cpu",
-        "trainer.epochs=3", "trainer.batch_size=64", "trainer.eval_batch_size=256", "trainer.log_every=2",
-        "trainer.eval_every=1", "trainer.checkpoint_every=1"]
+TINY = [
+    "experiment=cifar10_fast",
+    "data=synthetic",
+    "model.width=8",
+    "trainer.device=cpu",
+    "trainer.epochs=3",
+    "trainer.batch_size=64",
+    "trainer.eval_batch_size=256",
+    "trainer.log_every=2",
+    "trainer.eval_every=1",
+    "trainer.checkpoint_every=1",
+]
 GPU_SWITCHES = ["trainer.precision=bf16", "trainer.channels_last=true", "trainer.fused=true"]
 COMPILED = [*TINY, *GPU_SWITCHES, "trainer.compile=true"]
 
 
 def compose_fast(*overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=[*TINY, *overrides])
-
-
-def build_recipe(tmp_path, *overrides: str):
-    """Config, data, model, optimizer and scheduler exactly as train.recipe builds them."""
-    cfg = compose_fast(*overrides)
-    device = train.validate_config(cfg, tmp_path)
-    data = train.load_data(cfg, device, distributed.Dist())
-    model = train.build_model(cfg, data.num_classes, device)
-    optimizer = train.build_optimizer(cfg, model, device)
-    return cfg, device, data, model, optimizer, train.build_scheduler(cfg, optimizer)
+    return compose_config([*TINY, *overrides])[0]
 
 
 def conv_weights(model):
@@ -72,11 +64,12 @@ def test_auto_means_cuda_only_and_true_false_force_it():
         fused_argument(True, cpu, torch.optim.RMSprop)
 
 
-def test_gpu_switches_forced_on_a_cpu_reach_model_batches_optimizer_and_autocast(tmp_path):
-    cfg, device, data, model, optimizer, scheduler = build_recipe(tmp_path, *GPU_SWITCHES)
+def test_gpu_switches_forced_on_a_cpu_reach_model_batches_optimizer_and_autocast():
+    cfg, device, data, model, optimizer, scheduler = build_recipe(*TINY, *GPU_SWITCHES)
     assert device.type == "cpu"
-    assert all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
-               for w in conv_weights(model))
+    assert all(
+        w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in conv_weights(model)
+    )
     x, y = next(data.train.epoch_batches(0))
     assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     assert all(g["fused"] is True for g in optimizer.param_groups)
@@ -90,8 +83,8 @@ def test_gpu_switches_forced_on_a_cpu_reach_model_batches_optimizer_and_autocast
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters())), "the fused step changed nothing"
 
 
-def test_auto_on_a_cpu_keeps_the_plain_path(tmp_path):
-    cfg, device, data, model, optimizer, scheduler = build_recipe(tmp_path)  # channels_last/fused: auto
+def test_auto_on_a_cpu_keeps_the_plain_path():
+    cfg, device, data, model, optimizer, scheduler = build_recipe(*TINY)  # channels_last/fused: auto
     assert cfg.trainer.channels_last == "auto" and cfg.trainer.fused == "auto"
     assert all(w.is_contiguous() for w in conv_weights(model))
     assert next(data.train.epoch_batches(0))[0].is_contiguous()
@@ -104,11 +97,11 @@ def test_auto_on_a_cpu_keeps_the_plain_path(tmp_path):
 SYNCING = ("item", "tolist", "numpy", "cpu", "nonzero", "__bool__", "__int__", "__float__")
 
 
-def test_per_step_work_reads_nothing_back_to_the_host(tmp_path, monkeypatch):
+def test_per_step_work_reads_nothing_back_to_the_host(monkeypatch):
     """What train.py's loop runs every step, with each Tensor method that would wait for a GPU
     (on CUDA: a device-to-host copy) made to raise. The loop itself reads the loss once per
     trainer.log_every steps; under torchrun its stop-signal check is issue 10's."""
-    cfg, device, data, model, optimizer, scheduler = build_recipe(tmp_path, *GPU_SWITCHES)
+    cfg, device, data, model, optimizer, scheduler = build_recipe(*TINY, *GPU_SWITCHES)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.trainer.label_smoothing)
     loss_sum = torch.zeros((), device=device)
     batches = data.train.epoch_batches(0)
@@ -119,6 +112,7 @@ def test_per_step_work_reads_nothing_back_to_the_host(tmp_path, monkeypatch):
     def host_sync(name):
         def refuse(*args, **kwargs):
             raise AssertionError(f"Tensor.{name} called inside the per-step work: a host sync on CUDA")
+
         return refuse
 
     for name in SYNCING:
@@ -152,16 +146,19 @@ def compiled_run(compiled_env, tmp_path_factory):
     return run
 
 
-def metrics(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.slow
 def test_compiled_gpu_recipe_trains_on_a_cpu(compiled_run, compiled_env):
     assert any(compiled_env.rglob("*.py")), f"inductor wrote no kernels to {compiled_env}: nothing compiled"
     config = (compiled_run / "config.yaml").read_text()
-    for line in ("precision: bf16", "compile: true", "channels_last: true", "fused: true", "tta_flip: true",
-                 "alternating_flip: true", "label_smoothing: 0.2"):
+    for line in (
+        "precision: bf16",
+        "compile: true",
+        "channels_last: true",
+        "fused: true",
+        "tta_flip: true",
+        "alternating_flip: true",
+        "label_smoothing: 0.2",
+    ):
         assert line in config, f"{line!r} is not in the run's config"
     losses = [m["train_loss"] for m in metrics(compiled_run) if "train_loss" in m]
     assert len(losses) == 12  # 3 epochs x 8 steps, one line per 2 steps
@@ -189,28 +186,13 @@ def test_compiled_checkpoint_is_the_plain_model_and_loads_uncompiled(compiled_ru
     assert abs(got["test_acc"] - reported) <= 3 / data.test.n, (got, reported)
 
 
-def run_until_sigterm(run_dir, overrides, at_step: int, timeout: float = 1200):
-    """Start train.py, send SIGTERM once metrics.jsonl has logged step `at_step`, wait."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(train_cmd(*overrides, f"hydra.run.dir={run_dir}"), cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log, deadline = run_dir / "metrics.jsonl", time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if log.exists() and any(json.loads(x).get("step", 0) >= at_step for x in log.read_text().splitlines()):
-            proc.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.01)
-    out, _ = proc.communicate(timeout=timeout)
-    return proc.returncode, out
-
-
 @pytest.mark.slow
 def test_compiled_gpu_recipe_stops_on_sigterm_and_resumes_to_the_same_lrs(compiled_run, tmp_path):
     part = tmp_path / "part"
-    code, out = run_until_sigterm(part, COMPILED, at_step=4)
-    assert code == 143, out[-3000:]
+    stopped = run_until_sigterm(part, COMPILED, after_lines=2, timeout=1200)  # step 4 logged
+    assert stopped.returncode == 143, stopped.stdout[-3000:]
     saved = torch.load(part / "checkpoints" / "last.pt", weights_only=True)["state"]
-    assert 4 <= saved["step"] < 24 and not saved["finished"], saved
+    assert saved["step"] == stopped.signalled_at + 1 and not saved["finished"], saved  # the next step boundary
     resumed = run_train(*COMPILED, f"hydra.run.dir={part}", timeout=1200)
     assert f"at step {saved['step']}" in resumed.stdout
     lrs = lambda run: [(m["step"], m["lr"]) for m in metrics(run) if "lr" in m]  # noqa: E731

@@ -15,14 +15,23 @@ import pytest
 
 from tests.conftest import ROOT
 
-SECTIONS = ("GPU test tier", "make bench", "Data", "cifar10_fast, 2 seeds, eager", "torch.compile against eager",
-            "SIGTERM and resume", "Ablations (one trick off at a time)", "Total")
+SECTIONS = (
+    "GPU test tier",
+    "make bench",
+    "Data",
+    "cifar10_fast, 2 seeds, eager",
+    "torch.compile against eager",
+    "SIGTERM and resume",
+    "Ablations (one trick off at a time)",
+    "Total",
+)
 
 
 def test_gpu_report_refuses_a_machine_without_cuda_or_data():
     script = str(ROOT / "benchmarks" / "gpu_report.py")
-    proc = subprocess.run([sys.executable, script, "--data", "nowhere"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, script, "--data", "nowhere"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2
     import torch
 
@@ -33,8 +42,17 @@ def test_gpu_report_refuses_a_machine_without_cuda_or_data():
 @pytest.mark.slow
 def test_gpu_report_smoke_runs_every_step_on_a_cpu(tmp_path):
     out = tmp_path / "report.md"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_report.py"), "--smoke", "--out", str(out),
-           "--workdir", str(tmp_path / "work"), "--budget-s", "100000"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "gpu_report.py"),
+        "--smoke",
+        "--out",
+        str(out),
+        "--workdir",
+        str(tmp_path / "work"),
+        "--budget-s",
+        "100000",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -54,5 +72,6 @@ def test_gpu_report_smoke_runs_every_step_on_a_cpu(tmp_path):
     assert re.search(r"Compilation inside the training loop ≈ .* = \*\*-?[\d.]+ s\*\*", text)
     assert "exit code **143**" in text and "logged step equal to the uninterrupted run's: **yes**" in text
     ablations = text.split("## Ablations", 1)[1]
-    assert len(re.findall(r"^\| .+ off.* \| `[^`]+` \| 1 \| \d+\.\d\d% \(one run\) \| [-+]\d", ablations,
-                          flags=re.M)) == 4  # --smoke: 1 seed each
+    assert (
+        len(re.findall(r"^\| .+ off.* \| `[^`]+` \| 1 \| \d+\.\d\d% \(one run\) \| [-+]\d", ablations, flags=re.M)) == 4
+    )  # --smoke: 1 seed each

@@ -7,6 +7,7 @@ Expected learning rates are computed here from the schedules' definitions, not b
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -15,7 +16,8 @@ import sys
 import pytest
 
 from imgcls import preview
-from tests.conftest import ROOT
+from imgcls.config import CONF_DIR
+from tests.conftest import ROOT, run_train
 
 ROW = re.compile(r"^\s*(\d+)\s+(\d+\.\d\d)\s+(\S+)\s*(.*)$")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -184,7 +186,7 @@ def test_bad_override_exits_2_with_one_error_line():
 @pytest.mark.parametrize("args,message", [
     (["trainer.epochs=0"], "error: trainer.epochs: 0 is not accepted"),
     (["optimizer.lr=-1"], "error: optimizer.lr: -1 is not accepted"),
-    (["nosuch.key=1"], "error: override 'nosuch.key=1': Could not override 'nosuch.key'"),
+    (["nosuch.key=1"], "error: nosuch.key: 1 is not accepted: the top level has no key 'nosuch'; accepted: data,"),
     (["trainer.epochs=1=2"], "error: override 'trainer.epochs=1=2': "),
     (["experiment=nope"], "error: experiment: 'nope' is not an option"),
     (["scheduler.milestones=[5,3]"], "error: scheduler: milestones must have exactly one fewer"),
@@ -203,3 +205,49 @@ def test_bad_option_is_one_error_line(args, capsys):
         preview.main(args)
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("overrides,says", [
+    (["scheduler.milestones=[100000]"],
+     "scheduler.milestones[0] = 100000 starts scheduler.schedulers[1] at step 100000 (epoch 12500), not before "
+     "the end of the run at step 16 (epoch 2): that phase never runs (the run: 2 epochs x 8 steps = 16 steps)"),
+    (["scheduler=warmup_exp", "trainer.epochs=1"],  # a 2-epoch warmup in a 1-epoch run
+     "scheduler.milestones[0] = 2 starts scheduler.schedulers[1] at step 16 (epoch 2), not before the end of the "
+     "run at step 8 (epoch 1)"),
+    (["scheduler=multistep", "scheduler.milestones=[1,100]"],
+     "scheduler.milestones: 100 is at step 800 (epoch 100), not before the end of the run at step 16 (epoch 2): "
+     "that decay never happens"),
+    (["scheduler=warmup_linear", "scheduler.schedulers.0.total_iters=40"],
+     "scheduler.schedulers[0].total_iters = 40: the LinearLR phase from step 0 (epoch 0) needs until step 40 "
+     "(epoch 5), but its phase ends at step 3 (epoch 0.375): it never completes"),
+])
+def test_a_schedule_that_does_not_fit_the_run_is_refused(overrides, says):
+    with pytest.raises(preview.PreviewError) as e:
+        preview.preview(["experiment=smoke", *overrides])
+    assert says in str(e.value) and "schedule.allow_truncated=true" in str(e.value)
+
+
+def test_allow_truncated_runs_it_with_a_warning(capsys):
+    s = preview.preview(["experiment=smoke", "scheduler=warmup_exp", "trainer.epochs=1", "schedule.allow_truncated=true"])
+    assert s.total == 8 and s.peak < 0.2  # the warmup never reaches the peak lr
+    assert "warning: scheduler.milestones[0] = 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (CONF_DIR / "scheduler").glob("*.yaml")))
+def test_every_shipped_schedule_fits_the_default_run(option):
+    preview.preview([f"scheduler={option}"])  # 16 epochs of CIFAR-10: no refusal
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [["scheduler=warmup_linear"], ["scheduler=warmup_exp", "trainer.epochs=3"]],
+                         ids=["per-step", "per-epoch"])
+def test_the_preview_equals_the_lrs_a_run_logs(overrides, tmp_path):
+    """metrics.jsonl's lr at step N is the lr after N steps (and the scheduler steps due by
+    then): the preview's lr at step N, for per-step and per-epoch schedules alike."""
+    run = tmp_path / "run"
+    run_train("experiment=smoke", "trainer.log_every=1", *overrides, f"hydra.run.dir={run}")
+    logged = {m["step"]: m["lr"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+              if "lr" in m}
+    s = preview.preview(["experiment=smoke", *overrides])
+    assert sorted(logged) == list(range(1, s.total + 1))
+    assert all(logged[step] == pytest.approx(s.lrs[step], rel=1e-12) for step in logged), (logged, s.lrs)

@@ -330,7 +330,7 @@ def test_fix_reduce_on_plateau_phase(cls):
     plateau = ReduceLROnPlateau(opt, factor=0.5, patience=0)
     s = cls(opt, [LinearLR(opt, start_factor=0.1, total_iters=2), plateau], [2])
     lrs = []
-    for t, metric in enumerate([None, None, 1.0, 1.0, 1.0, 0.5]):
+    for metric in [None, None, 1.0, 1.0, 1.0, 0.5]:
         lrs.append(s.get_last_lr()[0])
         opt.step()
         s.step(metric) if metric is not None else s.step()

@@ -4,30 +4,24 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import time
 
 import pytest
 import torch
+import yaml
 
-from tests.conftest import ROOT, extract_cifar_subset, run_train, train_cmd
+from tests.conftest import (
+    ROOT,
+    assert_same_weights,
+    extract_cifar_subset,
+    metrics,
+    run_train,
+    run_until_sigterm,
+    train_cmd,
+    weights,
+)
 
 SMOKE = ["experiment=smoke"]
-
-
-def metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def weights(run_dir, name="last.pt"):
-    return torch.load(run_dir / "checkpoints" / name, weights_only=True)["model"]
-
-
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"weights differ at {k}"
 
 
 def test_smoke_run_writes_metrics_results_and_checkpoint(tmp_path):
@@ -54,22 +48,30 @@ def test_smoke_run_writes_metrics_results_and_checkpoint(tmp_path):
     again = run_train(*SMOKE, f"hydra.run.dir={run}")
     assert "already finished" in again.stdout
 
+    # results.json's test numbers are those of the saved weights on the in-order, un-augmented
+    # test split (a test loader built with training augmentation would change them)
+    again = evaluate_checkpoint(run / "checkpoints" / "last.pt")
+    assert again["test_loss"] == pytest.approx(results["final_test_loss"], rel=1e-6)
+    assert again["test_acc"] == results["final_test_acc"]
 
-def _run_until_sigterm(run_dir, overrides, after_lines: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        train_cmd(*overrides, f"hydra.run.dir={run_dir}"), cwd=ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    log = run_dir / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if log.exists() and len(log.read_text().splitlines()) >= after_lines:
-            proc.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.005)
-    out, _ = proc.communicate(timeout=120)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+
+def evaluate_checkpoint(path):
+    """Test loss and accuracy of a checkpoint's weights on its config's test split, in order."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    import train
+    from imgcls.data import DeviceLoader, load_dataset
+
+    ckpt = torch.load(path, weights_only=True)
+    cfg = OmegaConf.create(ckpt["config"])
+    ds = load_dataset(name=cfg.data.name, root=cfg.data.get("root", "data"), synthetic_size=tuple(cfg.data.synthetic_size),
+                      num_classes=cfg.data.num_classes, seed=cfg.trainer.seed)
+    model = instantiate(cfg.model)(num_classes=cfg.data.num_classes)
+    model.load_state_dict(ckpt["model"])
+    loader = DeviceLoader(ds.test_images, ds.test_labels, cfg.trainer.eval_batch_size, device="cpu",
+                          mean=ds.mean, std=ds.std, train=False, drop_last=False)
+    return train.evaluate(model, loader, cfg.trainer, torch.device("cpu"), False, None)
 
 
 @pytest.mark.slow
@@ -79,11 +81,14 @@ def test_sigterm_mid_run_then_resume_is_bit_identical(tmp_path):
     run_train(*common, f"hydra.run.dir={full}")
 
     part = tmp_path / "part"
-    stopped = _run_until_sigterm(part, common, after_lines=11)
+    stopped = run_until_sigterm(part, common, after_lines=11)
     assert stopped.returncode == 143, stopped.stdout  # 128 + SIGTERM, documented in the README
     assert "SIGTERM: checkpoint saved at step" in stopped.stdout
     state = torch.load(part / "checkpoints" / "last.pt", weights_only=True)["state"]
-    assert 0 < state["step"] < 32 and not state["finished"]
+    # saved at the step boundary after the signal: at most the one step in flight past the
+    # last step logged before it (log_every=1), not an older epoch-end checkpoint
+    assert stopped.signalled_at <= state["step"] <= stopped.signalled_at + 1, (stopped.signalled_at, state)
+    assert not state["finished"]
 
     resumed = run_train(*common, f"hydra.run.dir={part}")
     assert f"resumed from {part / 'checkpoints' / 'last.pt'} at step {state['step']}" in resumed.stdout
@@ -94,7 +99,9 @@ def test_sigterm_mid_run_then_resume_is_bit_identical(tmp_path):
 
 @pytest.mark.slow
 def test_resume_from_an_epoch_boundary_is_bit_identical(tmp_path):
-    common = [*SMOKE, "trainer.epochs=4", "trainer.log_every=1", "trainer.keep_checkpoints=4"]
+    # log_every=3: the checkpoint at step 16 (not a multiple of 3) holds the training loss
+    # summed over steps 16 (and 15..): the resumed step-18 line must average in the saved part
+    common = [*SMOKE, "trainer.epochs=4", "trainer.log_every=3", "trainer.keep_checkpoints=4"]
     full = tmp_path / "full"
     run_train(*common, f"hydra.run.dir={full}")
     epoch2 = full / "checkpoints" / "last.2.pt"  # last.pt is epoch 4, last.1 epoch 3, last.2 epoch 2
@@ -103,7 +110,33 @@ def test_resume_from_an_epoch_boundary_is_bit_identical(tmp_path):
     other = tmp_path / "other"
     run_train(*common, f"hydra.run.dir={other}", f"resume={epoch2}")
     assert metrics(other) == [m for m in metrics(full) if m["step"] > 16]
+    assert [m["step"] for m in metrics(other) if "train_loss" in m][0] == 18
     assert_same_weights(weights(other), weights(full))
+
+
+@pytest.mark.slow
+def test_plateau_schedule_gets_the_test_loss_and_halves_the_lr(tmp_path):
+    """scheduler=warmup_plateau through train.py (2 warmup epochs, then ReduceLROnPlateau,
+    factor 0.5, patience 2): at an lr too small to train, the test loss does not improve (only
+    BatchNorm's running statistics move it), and the lr halves as torch's ReduceLROnPlateau,
+    fed the same test losses, says: a run that did not feed it the loss would fail or never halve."""
+    run = tmp_path / "run"
+    lr = 1e-6  # (ReduceLROnPlateau ignores a change below its eps, 1e-8)
+    run_train(*SMOKE, "scheduler=warmup_plateau", "trainer.epochs=10", "data.synthetic_size=[256,128]",
+              "trainer.log_every=4", f"optimizer.lr={lr}", f"hydra.run.dir={run}")  # 4 steps per epoch
+    lines = metrics(run)
+    losses = [m["test_loss"] for m in lines if "test_loss" in m]
+    epoch_lrs = [m["lr"][0] for m in lines if "train_loss" in m]  # after each epoch's scheduler step
+    assert len(losses) == len(epoch_lrs) == 10
+    reference = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(reference, mode="min", factor=0.5, patience=2)
+    expected = []
+    for epoch in range(2, 10):  # the phase starts at epoch 2 and is stepped with each epoch's loss
+        plateau.step(losses[epoch])
+        expected.append(reference.param_groups[0]["lr"])
+    assert epoch_lrs[1] == pytest.approx(lr)  # the warmup is over: the peak
+    assert epoch_lrs[2:] == pytest.approx(expected, rel=1e-9), (losses, epoch_lrs)
+    assert min(expected) <= lr / 2, f"the loss improved, the test proves nothing: {losses}"
 
 
 def test_changed_structure_is_refused_on_resume(tmp_path):
@@ -114,14 +147,17 @@ def test_changed_structure_is_refused_on_resume(tmp_path):
     assert "differing keys: model.width" in refused.stderr
     more = run_train(*SMOKE, "trainer.epochs=2", f"hydra.run.dir={run}")  # more epochs: a safe change
     assert "config changed" in more.stdout and "trainer.epochs" in more.stdout
+    # warmup_linear had decayed to 0 at the end of the first run: said, not trained on silently
+    assert "the saved schedule has already brought the lr to 0 (step 8)" in more.stdout
     assert json.loads((run / "results.json").read_text())["steps"] == 16
 
 
 @pytest.mark.slow
 def test_multirun_sweep(tmp_path):
     sweep = tmp_path / "sweep"
+    # warmup_exp warms up over 2 epochs: in a 1-epoch run only with the explicit opt-out
     run_train("-m", *SMOKE, "trainer.epochs=1", "scheduler=warmup_exp,warmup_cosine", "optimizer.lr=0.1,0.05",
-              f"hydra.sweep.dir={sweep}")
+              "schedule.allow_truncated=true", f"hydra.sweep.dir={sweep}")
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert len(jobs) == 4
     for job in jobs:
@@ -177,3 +213,13 @@ def test_real_cifar10_subset_beats_chance(tmp_path):
     )
     acc = json.loads((run / "results.json").read_text())["final_test_acc"]
     assert acc > 0.30, f"test accuracy {acc:.3f} on 1,000 real test images; chance is 0.10"
+
+
+def test_cfg_job_resolve_prints_the_resolved_config():
+    proc = subprocess.run(train_cmd("experiment=smoke", "--cfg", "job", "--resolve"),
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    cfg = yaml.safe_load(proc.stdout)
+    assert cfg["schedule"]["steps_per_epoch"] == 8  # 512 synthetic images // batch 64, as the run counts
+    assert cfg["scheduler"]["milestones"] == [3]    # ${run_fraction:0.2} of 16 steps
+    assert "${" not in proc.stdout

@@ -1,6 +1,6 @@
 """Benchmark: training and evaluation throughput of train.py's recipe, against a matmul floor.
 
-    make bench     (or: .venv/bin/python tests/bench_train.py [--device auto|cpu|cuda]
+    make bench     (or: .venv/bin/python benchmarks/bench_train.py [--device auto|cpu|cuda]
                     [--models resnet9,resnet18] [--batch 512] [--steps 100] [--warmup 20]
                     [--width 64] [--compile] [--json PATH])
 
@@ -195,15 +195,10 @@ def import_torch_seconds() -> float:
 
 
 def compose(overrides: list[str]):
-    """conf/config.yaml composed with `overrides` (Hydra's compose API, no run directory)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    """conf/config.yaml composed with `overrides` (the project's one composition function)."""
+    from imgcls.config import compose_config
 
-    from imgcls.config import register_resolvers
-
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
+    return compose_config(overrides)[0]
 
 
 # --------------------------------------------------------------------------------------
@@ -415,7 +410,7 @@ def print_header(prov: dict, s: dict) -> None:
     if s["device"] == "cpu":
         print("  CPU run: scaled down (CUDA defaults: width 64, batch 512, 20 warmup + 100 timed steps, "
               "bf16); these fp32 CPU figures say nothing about a GPU.")
-        print("  The GPU figures need a CUDA machine: run `python tests/bench_train.py` on one.")
+        print("  The GPU figures need a CUDA machine: run `python benchmarks/bench_train.py` on one.")
     sys.stdout.flush()
 
 

@@ -1,6 +1,6 @@
 """Benchmark: SequentialLR.step() cost, ours against torch's, on the same three phases.
 
-    make bench        (or: .venv/bin/python tests/bench_sched.py [--steps 10000] [--rounds 7])
+    make bench        (or: .venv/bin/python benchmarks/bench_sched.py [--steps 10000] [--rounds 7])
 
 Both classes get the same composition (LinearLR warmup -> ExponentialLR -> CosineAnnealingLR
 with milestones at 10% and 50% of the steps) on their own SGD optimizer, built from objects.
