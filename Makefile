@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: help install lint train test test-fast bench preview schedules clean
+.PHONY: help install lint train test test-fast bench gpu-report preview schedules clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -37,6 +37,9 @@ test-fast: $(STAMP)  ## the test suite without the slow tier
 bench: $(STAMP)  ## benchmarks: SequentialLR step cost against torch's; training/eval throughput and where the time goes
 	$(PY) benchmarks/bench_sched.py
 	$(PY) benchmarks/bench_train.py
+
+gpu-report: $(STAMP)  ## on one CUDA GPU, offline: GPU tests, bench, cifar10_fast x 5 seeds, compile, SIGTERM/resume, ablations -> docs/benchmarks/<GPU>.md (make gpu-report DATA=path; SMOKE=1: the CPU check)
+	$(PY) benchmarks/gpu_report.py $(if $(SMOKE),--smoke,--data "$(DATA)") $(ARGS)
 
 preview: $(STAMP)  ## the lr per step of a config, as a table and schedule.png (make preview ARGS='scheduler=warmup_cosine trainer.epochs=30')
 	$(PY) -m imgcls.preview $(ARGS)

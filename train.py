@@ -25,7 +25,16 @@ import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from imgcls import distributed
-from imgcls.config import check_writable, config_errors, pick_device, preflight, setup, validate_config
+from imgcls.config import (
+    check_writable,
+    config_errors,
+    device_switch,
+    fused_argument,
+    pick_device,
+    preflight,
+    setup,
+    validate_config,
+)
 
 if TYPE_CHECKING:
     from imgcls.checkpoint import State
@@ -214,7 +223,7 @@ def load_data(cfg: DictConfig, device, dist) -> Data:
         )
     if t.batch_size % dist.world:
         raise ValueError(f"trainer.batch_size: {t.batch_size} is not divisible by the {dist.world} ranks")
-    channels_last = device.type == "cuda"  # NHWC feeds the tensor cores without transposes
+    channels_last = device_switch(t.channels_last, device)  # NHWC feeds the tensor cores without transposes
     common = dict(device=device, mean=ds.mean, std=ds.std, channels_last=channels_last, dtype=torch.float32)
     train = DeviceLoader(  # trainer.batch_size is the global batch: rank r takes its images r::N
         train_images, train_labels, t.batch_size, train=True, seed=t.seed, rank=dist.rank, world=dist.world,
@@ -249,19 +258,16 @@ def build_model(cfg: DictConfig, num_classes: int, device):
 
     with config_errors("model"):
         model = hydra.utils.instantiate(cfg.model)(num_classes=num_classes).to(device)
-    if device.type == "cuda":
+    if device_switch(cfg.trainer.channels_last, device):  # auto: on CUDA
         model = model.to(memory_format=torch.channels_last)
     return model
 
 
 def build_optimizer(cfg: DictConfig, model, device):
-    import inspect
-
     with config_errors("optimizer"):
         factory = hydra.utils.instantiate(cfg.optimizer, _convert_="all")
-        extra = {}
-        if device.type == "cuda" and "fused" in inspect.signature(factory.func).parameters:
-            extra["fused"] = True  # one kernel for the whole update instead of one per tensor
+    extra = fused_argument(cfg.trainer.fused, device, factory.func)  # auto: fused=True on CUDA
+    with config_errors("optimizer"):
         return factory(model.parameters(), **extra)
 
 

@@ -416,6 +416,38 @@ def fill_steps_per_epoch(cfg: DictConfig, given: int | None = None) -> str:
 # --------------------------------------------------------------------------------------
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SWITCHES = ("trainer.channels_last", "trainer.fused")  # auto | true | false
+
+
+def device_switch(value, device) -> bool:
+    """A CUDA-by-default switch (trainer.channels_last, trainer.fused): ``auto`` is on for a
+    CUDA device only (the GPU recipe); ``true``/``false`` force it on any device, so the
+    CUDA code paths can be run, and tested, on a CPU."""
+    return device.type == "cuda" if value == "auto" else bool(value)
+
+
+def fused_argument(value, device, optimizer_class) -> dict:
+    """The ``fused`` keyword for the optimizer, from trainer.fused: ``{"fused": True}`` (one
+    kernel for the whole update instead of one per tensor) when on and the class takes it,
+    ``{"fused": False}`` when forced off, else nothing; forced on for a class without it is refused."""
+    import inspect
+
+    takes_fused = "fused" in inspect.signature(optimizer_class).parameters
+    if device_switch(value, device):
+        if takes_fused:
+            return {"fused": True}
+        if value is True:
+            name = f"{optimizer_class.__module__}.{optimizer_class.__qualname__}"
+            raise ValueError(f"trainer.fused: true is not accepted for {name}, which takes no fused argument; "
+                             f"expected auto or false")
+        return {}  # auto on CUDA: the optimizer's own default
+    return {"fused": False} if takes_fused and value is False else {}
+
+
+def _switch(cfg: DictConfig, key: str) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value != "auto" and not isinstance(value, bool):  # 1/0 are not bools: refused too
+        raise ValueError(f"{key}: {value!r} is not accepted; expected auto, true or false")
 
 
 def _int_at_least(cfg: DictConfig, key: str, low: int, optional: bool = False) -> None:
@@ -463,6 +495,8 @@ def validate_config(cfg: DictConfig) -> None:
     _int_at_least(cfg, "data.crop_padding", 0)
     _one_of(cfg, "trainer.device", DEVICES)
     _one_of(cfg, "trainer.precision", PRECISIONS)
+    for key in SWITCHES:
+        _switch(cfg, key)
     _one_of(cfg, "schedule.interval", INTERVALS)
     data_schema = _schema_of(cfg, "data")
     _one_of(cfg, "data.name", data_schema.NAMES if data_schema is not None else DATASET_NAMES)

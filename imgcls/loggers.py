@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 # Record key -> the name a logger shows (TensorBoard tag, W&B key, MLflow metric); lr/group_N too.
-TAGS = {"train_loss": "loss/train", "test_loss": "loss/test", "test_acc": "accuracy/test",
+TAGS = {"train_loss": "loss/train", "val_loss": "loss/val", "val_acc": "accuracy/val",
+        "test_loss": "loss/test", "test_acc": "accuracy/test",
         "images_per_second": "throughput/images_per_second"}
 
 
@@ -62,7 +63,7 @@ class CSVLogger:
 
     def __init__(self, run_dir: str | Path, num_groups: int, filename: str = "metrics.csv"):
         self.columns = ["step", "epoch", *[f"lr_{i}" for i in range(num_groups)],
-                        "train_loss", "images_per_second", "test_loss", "test_acc"]
+                        "train_loss", "images_per_second", "val_loss", "val_acc", "test_loss", "test_acc"]
         path = self.path = Path(run_dir) / filename  # .path: named by a write fault (train.MetricsLog)
         new = not path.exists()
         self.file = open(path, "a", newline="")
@@ -195,10 +196,12 @@ class WandbLogger:
 
     def log(self, record: dict) -> None:
         self.run.log({"step": record["step"], **scalars(record)})
-        if record.get("test_acc") is not None:
-            self.best = record["test_acc"] if self.best is None else max(self.best, record["test_acc"])
-            self.run.summary["final_test_acc"] = record["test_acc"]
-            self.run.summary["best_test_acc"] = self.best
+        split = "val" if record.get("val_acc") is not None else "test"  # evaluations read val when there is one
+        if record.get(f"{split}_acc") is not None:
+            acc = record[f"{split}_acc"]
+            self.best = acc if self.best is None else max(self.best, acc)
+            self.run.summary[f"final_{split}_acc"] = acc
+            self.run.summary[f"best_{split}_acc"] = self.best
 
     def close(self) -> None:
         self.run.finish()

@@ -30,6 +30,8 @@ class TrainerConfig:
     ema_decay: Optional[float] = None  # EMA of the weights per step, in (0, 1); None: off
     swa_start: Optional[float] = None  # SWA from this fraction of the run, in [0, 1); None: off
     compile: bool = False
+    channels_last: Any = "auto"       # auto (on for CUDA) | true | false
+    fused: Any = "auto"               # auto (on for CUDA) | true | false
     deterministic: bool = False
     label_smoothing: float = 0.2
     skip_nonfinite: bool = False

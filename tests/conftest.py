@@ -27,8 +27,8 @@ TIERS = {
              "test_models", "test_schema", "sequential", "test_splits", "test_averaging", "test_precision"),
     "integration": ("test_bad_input", "test_evaluate"),
     "system": ("test_train", "test_faults", "test_faults_disk", "test_distributed", "test_sweeps", "test_loggers",
-               "test_preview", "test_timm", "test_gpu", "test_bench_train", "test_import_sched", "test_runlock",
-               "test_model_selection"),
+               "test_preview", "test_timm", "test_gpu", "test_gpu_recipe_cpu", "test_gpu_report", "test_bench_train",
+               "test_import_sched", "test_runlock", "test_model_selection"),
 }
 
 
@@ -107,7 +107,23 @@ def assert_same_weights(a, b):
         assert torch.equal(a[k], b[k]), f"weights differ at {k}"
 
 
-def run_until_sigterm(run_dir, overrides, after_lines: int) -> subprocess.CompletedProcess:
+def build_recipe(*overrides: str):
+    """train.py's config, data, model, optimizer and scheduler for ``overrides``, built in this
+    process exactly as train.recipe builds them (one process, no run directory)."""
+    import train
+    from imgcls import distributed
+    from imgcls.config import compose_config, pick_device, validate_config
+
+    cfg = compose_config(list(overrides))[0]
+    validate_config(cfg)
+    device = pick_device(cfg)
+    data = train.load_data(cfg, device, distributed.Dist())
+    model = train.build_model(cfg, data.num_classes, device)
+    optimizer = train.build_optimizer(cfg, model, device)
+    return cfg, device, data, model, optimizer, train.build_scheduler(cfg, optimizer)
+
+
+def run_until_sigterm(run_dir, overrides, after_lines: int, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run train.py, and once metrics.jsonl has ``after_lines`` lines: pause it (SIGSTOP), note
     the last step it logged (in ``.signalled_at``), send SIGTERM and let it go on (SIGCONT)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -116,7 +132,7 @@ def run_until_sigterm(run_dir, overrides, after_lines: int) -> subprocess.Comple
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     log = run_dir / "metrics.jsonl"
-    deadline = time.time() + 120
+    deadline = time.time() + timeout  # seconds (a compiled run takes minutes on a 2-core CPU)
     signalled_at = None
     while time.time() < deadline and proc.poll() is None:
         if log.exists() and len(log.read_text().splitlines()) >= after_lines:
@@ -126,7 +142,7 @@ def run_until_sigterm(run_dir, overrides, after_lines: int) -> subprocess.Comple
             proc.send_signal(signal.SIGCONT)
             break
         time.sleep(0.005)
-    out, _ = proc.communicate(timeout=120)
+    out, _ = proc.communicate(timeout=timeout)
     done = subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
     done.signalled_at = signalled_at
     return done

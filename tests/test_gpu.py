@@ -10,7 +10,8 @@ import json
 import pytest
 import torch
 
-from tests.conftest import metrics, run_train
+import train
+from tests.conftest import build_recipe, metrics, run_train
 from tests.conftest import run_until_sigterm as _run_until_sigterm
 
 pytestmark = [
@@ -38,3 +39,30 @@ def test_cuda_sigterm_resume_same_lr_every_step_and_deterministic_weights(tmp_pa
     a = torch.load(full / "checkpoints" / "last.pt", weights_only=True)["model"]
     b = torch.load(part / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cuda_per_step_work_has_no_host_sync():
+    """What the loop runs every step (a loader batch, train_step, scheduler.step, the loss summed
+    on the device) under torch's sync debug mode: any device-to-host wait raises. The first
+    batch (the epoch plan moves to the GPU) and the first steps (cudnn autotuning) run outside it."""
+    cfg, device, data, model, optimizer, scheduler = build_recipe(
+        "experiment=smoke", "trainer.device=cuda", "trainer.precision=auto", "trainer.channels_last=auto",
+        "trainer.fused=auto")
+    train.seed_everything(cfg.trainer.seed, False, device)  # cudnn.benchmark, as a run sets it
+    assert optimizer.param_groups[0]["fused"] is True
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.trainer.label_smoothing)
+    loss_sum = torch.zeros((), device=device)
+    batches = data.train.epoch_batches(0)
+    for _ in range(2):
+        x, y = next(batches)
+        loss_sum += train.train_step(model, optimizer, loss_fn, x, y, True).float()
+        scheduler.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for x, y in batches:
+            loss_sum += train.train_step(model, optimizer, loss_fn, x, y, True).float()
+            scheduler.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(loss_sum).item()
