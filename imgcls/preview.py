@@ -98,7 +98,19 @@ def steps_per_epoch(cfg: DictConfig, given: int | None = None) -> tuple[int, str
 
 
 def train_set_size(cfg: DictConfig) -> tuple[int, str]:
-    """The number of training images the data config names, without reading them."""
+    """The number of training images the data config names, without reading them, less the
+    validation split (data.val_size) that train.py holds out of them."""
+    from imgcls.splits import val_count
+
+    n, source = _named_train_size(cfg)
+    try:
+        held = val_count(cfg.data.get("val_size", 0), n)
+    except ValueError as e:
+        raise PreviewError(str(e)) from None
+    return (n - held, f"{source} - {held} held out for validation") if held else (n, source)
+
+
+def _named_train_size(cfg: DictConfig) -> tuple[int, str]:
     d = cfg.data
     name = d.name
     if name in TRAIN_SIZES:
