@@ -109,8 +109,10 @@ def steps(*overrides: str) -> int:
 
 
 def test_steps_per_epoch_from_the_data_config(tmp_path):
-    assert steps() == 50_000 // 512 == 97                                   # cifar10, batch 512
-    assert steps("data=cifar100", "trainer.batch_size=128") == 390
+    assert steps() == (50_000 - 5_000) // 512 == 87                         # cifar10 less val_size, batch 512
+    assert steps("data.val_size=0") == 50_000 // 512 == 97                 # no validation split
+    assert steps("data.val_size=0.2") == 40_000 // 512
+    assert steps("data=cifar100", "trainer.batch_size=128") == 45_000 // 128
     assert steps("data=synthetic") == 512 // 512 == 1                         # synthetic_size[0]
     assert steps("data=synthetic", "data.synthetic_size=[1000,10]", "trainer.batch_size=64") == 15
     assert steps("experiment=smoke") == 512 // 64
@@ -120,7 +122,7 @@ def test_steps_per_epoch_from_the_data_config(tmp_path):
             (tmp_path / split / cls).mkdir(parents=True)
             for i in range(count):
                 (tmp_path / split / cls / f"{i}.png").write_bytes(b"")
-    assert steps("data=image_folder", f"data.path={tmp_path}", "trainer.batch_size=16") == 60 // 16
+    assert steps("data=image_folder", f"data.path={tmp_path}", "trainer.batch_size=8") == (60 - 6) // 8  # 10% val
 
 
 def test_steps_per_epoch_errors(tmp_path):
