@@ -42,9 +42,9 @@ if TYPE_CHECKING:
 setup()  # the resolvers and the config schema, before Hydra composes conf/
 
 EXIT_SIGNAL = {"SIGTERM": 143, "SIGINT": 130}  # 128 + signal number, as a shell reports it
-EXIT_BAD_INPUT = 2       # a config value, a data file or a checkpoint was refused at start-up
-EXIT_NONFINITE = 3       # the training loss became NaN or inf (the last good checkpoint is kept)
-EXIT_WRITE_FAULT = 4     # a file could not be written: disk full, read-only (what was saved is intact)
+EXIT_BAD_INPUT = 2  # a config value, a data file or a checkpoint was refused at start-up
+EXIT_NONFINITE = 3  # the training loss became NaN or inf (the last good checkpoint is kept)
+EXIT_WRITE_FAULT = 4  # a file could not be written: disk full, read-only (what was saved is intact)
 
 
 def cli() -> None:
@@ -66,18 +66,18 @@ def main(cfg: DictConfig) -> float | None:
 def recipe(cfg: DictConfig, run_dir: Path) -> float | None:
     from imgcls.checkpoint import resume
 
-    validate_config(cfg)                                     # 1. config (fails before any work)
-    check_writable(run_dir)                                  #    the run directory
-    device = pick_device(cfg)                                #    the device
-    dist, device, run_dir = join_ranks(device, run_dir)      #    torchrun: one process per device
-    lock_run_dir(run_dir, dist)                              #    one process per run directory
+    validate_config(cfg)  # 1. config (fails before any work)
+    check_writable(run_dir)  #    the run directory
+    device = pick_device(cfg)  #    the device
+    dist, device, run_dir = join_ranks(device, run_dir)  #    torchrun: one process per device
+    lock_run_dir(run_dir, dist)  #    one process per run directory
     seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, device)  # 2. seed
-    data = load_data(cfg, device, dist)                      # 3. data (fills schedule.steps_per_epoch)
-    model = build_model(cfg, data.num_classes, device)       # 4. model
-    optimizer = build_optimizer(cfg, model, device)          # 5. optimizer
-    scheduler = build_scheduler(cfg, optimizer)              # 6. scheduler
-    extras = build_extras(cfg, model, device, data)          #    grad scaler, averaged weights, data info
-    write_config(cfg, run_dir, dist)                         #    the resolved config, beside .hydra/
+    data = load_data(cfg, device, dist)  # 3. data (fills schedule.steps_per_epoch)
+    model = build_model(cfg, data.num_classes, device)  # 4. model
+    optimizer = build_optimizer(cfg, model, device)  # 5. optimizer
+    scheduler = build_scheduler(cfg, optimizer)  # 6. scheduler
+    extras = build_extras(cfg, model, device, data)  #    grad scaler, averaged weights, data info
+    write_config(cfg, run_dir, dist)  #    the resolved config, beside .hydra/
     state = resume(cfg, run_dir, model, optimizer, scheduler, dist, extras)  # 7. resume
     if state.epoch >= cfg.trainer.epochs:
         print(f"run in {run_dir} already finished at step {state.step}: nothing to do")
@@ -88,7 +88,7 @@ def recipe(cfg: DictConfig, run_dir: Path) -> float | None:
     if stop:
         sys.exit(EXIT_SIGNAL[stop])
     write_results(cfg, run_dir, data, model, state, device, dist, extras)  # 9. save (and the test split)
-    log_results(cfg, run_dir, state, dist)                   #    logger=mlflow: results.json, checkpoint
+    log_results(cfg, run_dir, state, dist)  #    logger=mlflow: results.json, checkpoint
     distributed.shutdown(dist)
     return state.best_acc
 
@@ -226,9 +226,19 @@ def load_data(cfg: DictConfig, device, dist) -> Data:
     channels_last = device_switch(t.channels_last, device)  # NHWC feeds the tensor cores without transposes
     common = dict(device=device, mean=ds.mean, std=ds.std, channels_last=channels_last, dtype=torch.float32)
     train = DeviceLoader(  # trainer.batch_size is the global batch: rank r takes its images r::N
-        train_images, train_labels, t.batch_size, train=True, seed=t.seed, rank=dist.rank, world=dist.world,
-        crop_padding=d.crop_padding, flip=d.flip, alternating_flip=d.alternating_flip, **common,
+        train_images,
+        train_labels,
+        t.batch_size,
+        train=True,
+        seed=t.seed,
+        rank=dist.rank,
+        world=dist.world,
+        crop_padding=d.crop_padding,
+        flip=d.flip,
+        alternating_flip=d.alternating_flip,
+        **common,
     )
+
     def eval_loader(images, labels):
         if t.limit_eval_batches:  # a fixed, class-balanced subset (an image folder is sorted by class)
             pick = balanced_order(labels)[: t.limit_eval_batches * t.eval_batch_size]
@@ -246,7 +256,12 @@ def load_data(cfg: DictConfig, device, dist) -> Data:
     if dist.is_main:
         ranks = f" x {dist.world} ranks" if dist.enabled else ""
         print(description, f"| {steps} steps per epoch on {device}{ranks}", flush=True)
-    info = {"classes": list(ds.classes), "mean": list(ds.mean), "std": list(ds.std), "size": list(ds.train_images.shape[1:])}
+    info = {
+        "classes": list(ds.classes),
+        "mean": list(ds.mean),
+        "std": list(ds.std),
+        "size": list(ds.train_images.shape[1:]),
+    }
     return Data(train, val, test, len(ds.classes), steps, description, info)
 
 
@@ -420,8 +435,13 @@ def build_logger(cfg: DictConfig, run_dir: Path, optimizer, runs: dict | None = 
     from imgcls.loggers import open_logger
 
     with config_errors("logger"):
-        return open_logger(hydra.utils.instantiate(cfg.logger), run_dir, len(optimizer.param_groups),
-                           config=OmegaConf.to_container(cfg, resolve=True), runs=runs)
+        return open_logger(
+            hydra.utils.instantiate(cfg.logger),
+            run_dir,
+            len(optimizer.param_groups),
+            config=OmegaConf.to_container(cfg, resolve=True),
+            runs=runs,
+        )
 
 
 def log_results(cfg: DictConfig, run_dir: Path, state, dist) -> None:
@@ -436,7 +456,9 @@ def _fmt(v):
     return f"{v:.4g}" if isinstance(v, float) else v
 
 
-def train(cfg, run_dir, data: Data, model, optimizer, scheduler, state: State, device, dist, extras: Extras) -> str | None:
+def train(
+    cfg, run_dir, data: Data, model, optimizer, scheduler, state: State, device, dist, extras: Extras
+) -> str | None:
     """The loop. Returns the name of the signal that stopped it, or None when it finished."""
     from imgcls.checkpoint import checkpoint_due
 
@@ -460,8 +482,9 @@ class Loop:
     """What the loop works with, built once: the wrapped net (DDP, torch.compile), precision,
     the loss, when the scheduler steps, and the training loss summed on the device."""
 
-    def __init__(self, cfg, run_dir, data: Data, model, optimizer, scheduler, state: State, device, dist,
-                 extras: Extras):
+    def __init__(
+        self, cfg, run_dir, data: Data, model, optimizer, scheduler, state: State, device, dist, extras: Extras
+    ):
         import torch
 
         from imgcls.config import SchedulerStepper
@@ -489,8 +512,17 @@ class Loop:
         """One optimizer step, its counters, and the scheduler step due after it."""
         import torch
 
-        loss = train_step(self.net, self.optimizer, self.loss_fn, x, y, self.precision, self.t.skip_nonfinite,
-                          self.extras.scaler, self.t.grad_clip_norm)
+        loss = train_step(
+            self.net,
+            self.optimizer,
+            self.loss_fn,
+            x,
+            y,
+            self.precision,
+            self.t.skip_nonfinite,
+            self.extras.scaler,
+            self.t.grad_clip_norm,
+        )
         if loss is None:
             self.state.skipped_steps += 1
             loss = torch.zeros((), device=self.device)
@@ -550,8 +582,18 @@ class Loop:
         from imgcls.checkpoint import save
 
         self.state.loss_sum = self.read_loss()
-        save(self.cfg, self.run_dir, self.model, self.optimizer, self.scheduler, self.state, self.dist,
-             self.extras.state_dict(), last=last, best=best)
+        save(
+            self.cfg,
+            self.run_dir,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.state,
+            self.dist,
+            self.extras.state_dict(),
+            last=last,
+            best=best,
+        )
         self.improved = False
 
 
@@ -606,8 +648,15 @@ class Reporter:
     def __init__(self, loop: Loop):
         cfg, t, dist, state = loop.cfg, loop.t, loop.dist, loop.state
         progress = _progress_enabled(t.progress) and dist.is_main
-        self.log = (MetricsLog(loop.run_dir / "metrics.jsonl", progress, build_logger(cfg, loop.run_dir, loop.optimizer, loop.state.logger_runs))
-                    if dist.is_main else MetricsLog(None, progress))
+        self.log = (
+            MetricsLog(
+                loop.run_dir / "metrics.jsonl",
+                progress,
+                build_logger(cfg, loop.run_dir, loop.optimizer, loop.state.logger_runs),
+            )
+            if dist.is_main
+            else MetricsLog(None, progress)
+        )
         self.bar = _bar(progress, total=t.epochs * loop.data.steps_per_epoch, initial=state.step)
         self.interval_start = (time.perf_counter(), state.images)  # for images/s per log interval
         self.pending = None  # (record, images/s) of a line waiting for its lr
@@ -622,8 +671,12 @@ class Reporter:
     def after_step(self, loop: Loop) -> None:
         state = loop.state
         if state.step % loop.t.log_every == 0:
-            record = {"step": state.step, "epoch": state.epoch + state.batch / loop.data.steps_per_epoch,
-                      "lr": None, "train_loss": loop.take_loss()}  # the one host sync
+            record = {
+                "step": state.step,
+                "epoch": state.epoch + state.batch / loop.data.steps_per_epoch,
+                "lr": None,
+                "train_loss": loop.take_loss(),
+            }  # the one host sync
             now = time.perf_counter()
             speed = (state.images - self.interval_start[1]) / max(now - self.interval_start[0], 1e-9)
             self.interval_start = (now, state.images)
@@ -646,8 +699,9 @@ class Reporter:
         self.log.write(record, echo=echo, **extra)
 
 
-def train_step(net, optimizer, loss_fn, x, y, precision, skip_nonfinite: bool = False, scaler=None,
-               clip_norm: float | None = None):
+def train_step(
+    net, optimizer, loss_fn, x, y, precision, skip_nonfinite: bool = False, scaler=None, clip_norm: float | None = None
+):
     """One optimizer step on batch (x, y); the detached loss, or None if it was NaN/inf and
     skip_nonfinite is set (that check is a host sync per step, hence opt-in).
     precision: fp32 | bf16 | fp16 (a bool: bf16 or fp32); fp16 takes the GradScaler ``scaler``;
@@ -715,11 +769,16 @@ def final_test(cfg, run_dir: Path, data: Data, model, state: State, device, extr
 
     plain = unwrap_model(model)
     weights, which = averaged_weights(
-        {"model": plain.state_dict(), "averaging": extras.averaging.state_dict(), "state": {"finished": True}})
+        {"model": plain.state_dict(), "averaging": extras.averaging.state_dict(), "state": {"finished": True}}
+    )
     if data.val is None:
         pfx = "" if which == "raw" else f"{which}_"
-        return {"final_test_acc": state.last_eval[f"{pfx}test_acc"],
-                "final_test_loss": state.last_eval[f"{pfx}test_loss"], "best_test_acc": state.best_acc, "weights": which}
+        return {
+            "final_test_acc": state.last_eval[f"{pfx}test_acc"],
+            "final_test_loss": state.last_eval[f"{pfx}test_loss"],
+            "best_test_acc": state.best_acc,
+            "weights": which,
+        }
     net = copy.deepcopy(plain)
     net.load_state_dict(weights)
     final = evaluate(net, data.test, cfg.trainer, device, extras.precision, None)
@@ -746,8 +805,12 @@ def write_results(cfg, run_dir: Path, data: Data, model, state: State, device, d
     last = state.last_eval or {}
     val = {}
     if data.val is not None:  # "best" and "final" of the weights below (EMA/SWA when on)
-        val = {"best_val_acc": state.best_acc, "best_epoch": state.best_epoch,
-               "final_val_acc": last.get(f"{_pfx(last)}val_acc"), "final_val_loss": last.get(f"{_pfx(last)}val_loss")}
+        val = {
+            "best_val_acc": state.best_acc,
+            "best_epoch": state.best_epoch,
+            "final_val_acc": last.get(f"{_pfx(last)}val_acc"),
+            "final_val_loss": last.get(f"{_pfx(last)}val_loss"),
+        }
     results = {
         **val,
         **final_test(cfg, run_dir, data, model, state, device, extras),
@@ -761,11 +824,18 @@ def write_results(cfg, run_dir: Path, data: Data, model, state: State, device, d
     }
     from imgcls.io import write_text_atomic
 
-    write_text_atomic(run_dir / "results.json", json.dumps(results, indent=2) + "\n", "the results",
-                      "the last checkpoint is intact (the same command writes them again)")
+    write_text_atomic(
+        run_dir / "results.json",
+        json.dumps(results, indent=2) + "\n",
+        "the results",
+        "the last checkpoint is intact (the same command writes them again)",
+    )
     acc = results["final_test_acc"]
-    print(f"done: test accuracy {acc if acc is None else f'{acc:.4f}'} ({results['weights']} weights), "
-          f"results in {run_dir / 'results.json'}", flush=True)
+    print(
+        f"done: test accuracy {acc if acc is None else f'{acc:.4f}'} ({results['weights']} weights), "
+        f"results in {run_dir / 'results.json'}",
+        flush=True,
+    )
 
 
 _PROCESS_START = time.time()

@@ -169,8 +169,9 @@ def save_checkpoint(state: dict, path: str | Path, keep: int = 1) -> Path:
         room = ""
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             free = free_bytes(path.parent)
-            room = (f" (it needs about {human_bytes(_nbytes(state))}"
-                    + (f", {human_bytes(free)} free on the disk under {path.parent})" if free is not None else ")"))
+            room = f" (it needs about {human_bytes(_nbytes(state))}" + (
+                f", {human_bytes(free)} free on the disk under {path.parent})" if free is not None else ")"
+            )
         msg = (
             f"could not save checkpoint to {path}: {type(e).__name__}: {e}{room}; "
             f"the previous checkpoint at {path} (if any) is intact"
@@ -230,9 +231,7 @@ def load_checkpoint(path: str | Path) -> dict:
             f"(truncated, corrupt, or holds non-data objects): {type(e).__name__}: {_short_reason(e)}"
         ) from e
     if not isinstance(state, dict):
-        raise CheckpointError(
-            f"checkpoint {path} holds a {type(state).__name__}; expected a dict of named entries"
-        )
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}; expected a dict of named entries")
     return state
 
 
@@ -251,8 +250,9 @@ def find_resumable(path: str | Path, keep: int) -> tuple[dict, Path] | None:
     if not existing:
         return None
     if existing[0] != path:
-        warnings.warn(f"checkpoint {path} does not exist; trying backups {[str(p) for p in existing]}",
-                      UserWarning, stacklevel=2)
+        warnings.warn(
+            f"checkpoint {path} does not exist; trying backups {[str(p) for p in existing]}", UserWarning, stacklevel=2
+        )
     failures = []
     for p in existing:
         try:
@@ -260,9 +260,7 @@ def find_resumable(path: str | Path, keep: int) -> tuple[dict, Path] | None:
         except CheckpointError as e:
             failures.append(str(e))
             warnings.warn(f"skipping corrupt checkpoint {p}: {e}", UserWarning, stacklevel=2)
-    raise CheckpointError(
-        f"no loadable checkpoint among {[str(p) for p in existing]}:\n  " + "\n  ".join(failures)
-    )
+    raise CheckpointError(f"no loadable checkpoint among {[str(p) for p in existing]}:\n  " + "\n  ".join(failures))
 
 
 def rng_state() -> dict:
@@ -296,8 +294,12 @@ def set_rng_state(state: dict) -> None:
         saved = state["cuda"]
         n = torch.cuda.device_count()
         if len(saved) != n:
-            warnings.warn(f"rng state has {len(saved)} CUDA generator(s) but {n} device(s) are visible; "
-                          f"restoring the first {min(len(saved), n)}", UserWarning, stacklevel=2)
+            warnings.warn(
+                f"rng state has {len(saved)} CUDA generator(s) but {n} device(s) are visible; "
+                f"restoring the first {min(len(saved), n)}",
+                UserWarning,
+                stacklevel=2,
+            )
         for i, s in enumerate(saved[:n]):
             torch.cuda.set_rng_state(s.cpu(), i)
 
@@ -324,20 +326,20 @@ class State:
     """Counters that a checkpoint carries, besides the model, optimizer and scheduler."""
 
     def __init__(self):
-        self.step = 0            # optimizer steps done
-        self.epoch = 0           # epoch in progress
-        self.batch = 0           # next batch of that epoch
+        self.step = 0  # optimizer steps done
+        self.epoch = 0  # epoch in progress
+        self.batch = 0  # next batch of that epoch
         self.finished = False
-        self.best_acc = None     # best accuracy so far on the evaluated split (val, else test)
-        self.best_epoch = None   # ...after this many epochs (checkpoints/best.pt, with a val split)
-        self.last_eval = None    # {"val_loss", "val_acc", ...} of the latest evaluation
-        self.run_id = None       # made at a fresh start, kept by every resume (see newer_in_run_dir)
-        self.loss_sum = 0.0      # training loss summed since the last log line...
-        self.loss_count = 0      # ...over this many steps
+        self.best_acc = None  # best accuracy so far on the evaluated split (val, else test)
+        self.best_epoch = None  # ...after this many epochs (checkpoints/best.pt, with a val split)
+        self.last_eval = None  # {"val_loss", "val_acc", ...} of the latest evaluation
+        self.run_id = None  # made at a fresh start, kept by every resume (see newer_in_run_dir)
+        self.loss_sum = 0.0  # training loss summed since the last log line...
+        self.loss_count = 0  # ...over this many steps
         self.train_seconds = 0.0
-        self.images = 0          # training images processed (for images per second)
-        self.skipped_steps = 0   # steps whose loss was NaN/inf, dropped (trainer.skip_nonfinite)
-        self.logger_runs = {}    # tracker run ids ({"wandb": id, "mlflow": id}): a resume continues them
+        self.images = 0  # training images processed (for images per second)
+        self.skipped_steps = 0  # steps whose loss was NaN/inf, dropped (trainer.skip_nonfinite)
+        self.logger_runs = {}  # tracker run ids ({"wandb": id, "mlflow": id}): a resume continues them
 
     def to_dict(self) -> dict:
         return dict(vars(self))
@@ -389,9 +391,12 @@ def resume(cfg: DictConfig, run_dir: Path, model, optimizer, scheduler, dist, ex
         trim_metrics(run_dir / "metrics.jsonl", state.step)
     print(f"resumed from {path} at step {state.step} (epoch {state.epoch}, batch {state.batch})", flush=True)
     if state.epoch < cfg.trainer.epochs and all(float(lr) == 0.0 for lr in scheduler.get_last_lr()):
-        print(f"warning: resume: the saved schedule has already brought the lr to 0 (step {state.step}); "
-              f"the epochs from {state.epoch} to {cfg.trainer.epochs} would train at lr 0 (a checkpoint's "
-              f"schedule keeps its lengths): start a new run directory to train longer", flush=True)
+        print(
+            f"warning: resume: the saved schedule has already brought the lr to 0 (step {state.step}); "
+            f"the epochs from {state.epoch} to {cfg.trainer.epochs} would train at lr 0 (a checkpoint's "
+            f"schedule keeps its lengths): start a new run directory to train longer",
+            flush=True,
+        )
     return state
 
 
@@ -421,8 +426,11 @@ def newer_in_run_dir(cfg: DictConfig, run_dir: Path, ckpt: dict, path: Path, dis
     run_id = (ckpt.get("state") or {}).get("run_id")
     if run_id is None or mine["state"].get("run_id") != run_id or mine["state"]["step"] <= ckpt["state"]["step"]:
         return ckpt, path
-    print(f"resume: {run_dir} holds a newer checkpoint of the run {path} belongs to: continuing from "
-          f"{mine_path} (step {mine['state']['step']}), not {path} (step {ckpt['state']['step']})", flush=True)
+    print(
+        f"resume: {run_dir} holds a newer checkpoint of the run {path} belongs to: continuing from "
+        f"{mine_path} (step {mine['state']['step']}), not {path} (step {ckpt['state']['step']})",
+        flush=True,
+    )
     set_aside_unreadable(own, mine_path, dist)
     return mine, mine_path
 
@@ -445,8 +453,18 @@ def trim_metrics(path: Path, step: int) -> None:
         print(f"{path}: dropped its torn last line {torn!r} (a kill or a full disk in mid-write)", flush=True)
 
 
-def save(cfg: DictConfig, run_dir: Path, model, optimizer, scheduler, state: State, dist, extra: dict | None = None,
-         last: bool = True, best: bool = False) -> None:
+def save(
+    cfg: DictConfig,
+    run_dir: Path,
+    model,
+    optimizer,
+    scheduler,
+    state: State,
+    dist,
+    extra: dict | None = None,
+    last: bool = True,
+    best: bool = False,
+) -> None:
     """Rank 0 writes (every rank holds the same weights); the others wait for it.
     ``extra``: more entries (grad scaler, averaged weights, data info); ``last``: last.pt (with its
     backups); ``best``: best.pt (the best validation accuracy so far)."""
@@ -464,8 +482,9 @@ class CheckpointWriteError(WriteFault):
     """A checkpoint could not be written (disk full, read-only...); the previous one is intact."""
 
 
-def _save(cfg: DictConfig, run_dir: Path, model, optimizer, scheduler, state: State, extra: dict, last: bool,
-          best: bool) -> None:
+def _save(
+    cfg: DictConfig, run_dir: Path, model, optimizer, scheduler, state: State, extra: dict, last: bool, best: bool
+) -> None:
     ckpt = {
         "model": unwrap_model(model).state_dict(),
         "optimizer": optimizer.state_dict(),

@@ -93,8 +93,9 @@ class Dataset:
 def resolve_path(value: str | os.PathLike, key: str = "data.root") -> Path:
     """Absolute path for a config value: ``~`` expanded, relative -> against PROJECT_ROOT."""
     if value is None or str(value) == "":
-        raise ValueError(f"{key}: {value!r} is empty; give a folder path (absolute, or relative "
-                         f"to the project root {PROJECT_ROOT})")
+        raise ValueError(
+            f"{key}: {value!r} is empty; give a folder path (absolute, or relative to the project root {PROJECT_ROOT})"
+        )
     p = Path(os.path.expanduser(str(value)))
     if not p.is_absolute():
         p = PROJECT_ROOT / p
@@ -108,13 +109,14 @@ def normalize_stats(images: torch.Tensor, chunk: int = 2048) -> tuple[tuple[floa
     std (ddof=0) over all pixels of all images.
     """
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[0] == 0:
-        raise ValueError(f"images: expected a non-empty uint8 [N, C, H, W] tensor, got "
-                         f"{images.dtype} {tuple(images.shape)}")
+        raise ValueError(
+            f"images: expected a non-empty uint8 [N, C, H, W] tensor, got {images.dtype} {tuple(images.shape)}"
+        )
     c = images.shape[1]
     s = torch.zeros(c, dtype=torch.int64)
     ss = torch.zeros(c, dtype=torch.int64)
     for i in range(0, images.shape[0], chunk):
-        x = images[i:i + chunk].to(torch.int64)
+        x = images[i : i + chunk].to(torch.int64)
         s += x.sum(dim=(0, 2, 3))
         ss += (x * x).sum(dim=(0, 2, 3))
     n = images.numel() // c
@@ -220,13 +222,20 @@ def _cached(name: str, root: Path, source: Path, files: Sequence[Path], build, k
         try:
             _save_cache(cache, d)
         except (OSError, RuntimeError) as e:
-            cause = f"{e.strerror} ({errno.errorcode.get(e.errno, e.errno)})" if isinstance(e, OSError) and e.strerror \
+            cause = (
+                f"{e.strerror} ({errno.errorcode.get(e.errno, e.errno)})"
+                if isinstance(e, OSError) and e.strerror
                 else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            )
             free = free_bytes(cache.parent)
-            log.warning("could not write the data cache %s: %s; it needs about %s%s; training on from "
-                        "memory (the next run decodes the data again)", cache, cause,
-                        human_bytes(_cache_bytes(d)),
-                        f", {human_bytes(free)} free on the disk under {cache.parent}" if free is not None else "")
+            log.warning(
+                "could not write the data cache %s: %s; it needs about %s%s; training on from "
+                "memory (the next run decodes the data again)",
+                cache,
+                cause,
+                human_bytes(_cache_bytes(d)),
+                f", {human_bytes(free)} free on the disk under {cache.parent}" if free is not None else "",
+            )
     return _to_dataset(d, name, source)
 
 
@@ -241,13 +250,17 @@ def _safe_members(tf: tarfile.TarFile, archive: Path) -> list[tarfile.TarInfo]:
     for m in tf.getmembers():
         parts = Path(m.name).parts
         if m.name.startswith(("/", "\\")) or Path(m.name).is_absolute() or ".." in parts:
-            raise ValueError(f"{archive}: member {m.name!r} has an absolute path or '..'; "
-                             f"refusing to extract this archive (only relative paths inside "
-                             f"the archive are accepted)")
+            raise ValueError(
+                f"{archive}: member {m.name!r} has an absolute path or '..'; "
+                f"refusing to extract this archive (only relative paths inside "
+                f"the archive are accepted)"
+            )
         if m.issym() or m.islnk() or not (m.isfile() or m.isdir()):
-            raise ValueError(f"{archive}: member {m.name!r} is a link or special file; "
-                             f"refusing to extract this archive (only files and folders are "
-                             f"accepted)")
+            raise ValueError(
+                f"{archive}: member {m.name!r} is a link or special file; "
+                f"refusing to extract this archive (only files and folders are "
+                f"accepted)"
+            )
         out.append(m)
     return out
 
@@ -261,8 +274,14 @@ def _image_cache_bytes(archive: Path, members: Sequence[tarfile.TarInfo]) -> int
     """About the size of the tensor cache of an image_folder archive: its images under
     ``train/`` or ``test/`` times 3 x H x W bytes of the first one (+ 8 bytes of label). None if
     the first image cannot be read."""
-    images = [m for m in members if m.isfile() and len(Path(m.name).parts) >= 3
-              and Path(m.name).parts[-3] in ("train", "test") and not Path(m.name).name.startswith(".")]
+    images = [
+        m
+        for m in members
+        if m.isfile()
+        and len(Path(m.name).parts) >= 3
+        and Path(m.name).parts[-3] in ("train", "test")
+        and not Path(m.name).name.startswith(".")
+    ]
     if not images:
         return None
     try:
@@ -284,8 +303,11 @@ def _extraction_fault(archive: Path, dest: Path, e: OSError, members, cache_byte
     need = _extraction_bytes(members, block) if members else None
     cache = (cache_bytes(members) if members else None) if callable(cache_bytes) else cache_bytes
     free = free_bytes(root)
-    what = ("the disk under data.root " + str(root) + " is full" if e.errno in (errno.ENOSPC, errno.EDQUOT)
-            else f"data.root {root} cannot be written")
+    what = (
+        "the disk under data.root " + str(root) + " is full"
+        if e.errno in (errno.ENOSPC, errno.EDQUOT)
+        else f"data.root {root} cannot be written"
+    )
     cause = f"{e.strerror or e}, {errno.errorcode.get(e.errno, e.errno)}"
     sizes = []
     if need is not None:
@@ -295,9 +317,13 @@ def _extraction_fault(archive: Path, dest: Path, e: OSError, members, cache_byte
     if free is not None:
         sizes.append(f"{human_bytes(free)} are free")
     return WriteFault(
-        f"cannot extract {archive}: {what} ({cause})" + (f"; {', '.join(sizes)}" if sizes else "")
+        f"cannot extract {archive}: {what} ({cause})"
+        + (f"; {', '.join(sizes)}" if sizes else "")
         + f"; nothing was left behind (the partial extraction was removed, {archive.name} is untouched): "
-        f"free some space or set data.root to a folder on a bigger disk", root, e.errno)
+        f"free some space or set data.root to a folder on a bigger disk",
+        root,
+        e.errno,
+    )
 
 
 def _extract_atomic(archive: Path, dest: Path, subfolder: str | None = None, cache_bytes=None) -> None:
@@ -328,13 +354,11 @@ def _extract_atomic(archive: Path, dest: Path, subfolder: str | None = None, cac
             # the disk refused a write (full, read-only, quota): the archive itself is fine
             writing_tmp = e.errno in (errno.EACCES, errno.EPERM) and str(e.filename or "").startswith(str(tmp))
             if members is None or not (is_write_fault(e) or writing_tmp):
-                raise ValueError(f"{archive}: cannot be read as a tar archive ({e}); delete or "
-                                 f"replace it") from e
+                raise ValueError(f"{archive}: cannot be read as a tar archive ({e}); delete or replace it") from e
             shutil.rmtree(tmp, ignore_errors=True)  # before measuring what is free
             raise _extraction_fault(archive, dest, e, members, cache_bytes) from e
         except (tarfile.TarError, EOFError) as e:
-            raise ValueError(f"{archive}: cannot be read as a tar archive ({e}); delete or "
-                             f"replace it") from e
+            raise ValueError(f"{archive}: cannot be read as a tar archive ({e}); delete or replace it") from e
         src = tmp / subfolder if subfolder else tmp
         if not src.is_dir():
             raise ValueError(f"{archive}: holds no folder {subfolder!r}; is it the right archive?")
@@ -354,16 +378,17 @@ def _extract_atomic(archive: Path, dest: Path, subfolder: str | None = None, cac
 
 
 def _not_found_message(name: str, root: Path, archive: Path, folder: Path, cause: str = "") -> str:
-    lines = [f"data.name={name}: the official archive was not found{cause}.",
-             f"  expected: {archive}",
-             f"        or: its extracted folder {folder}",
-             "Do one of:",
-             f"  data.download=true                      download it into data.root={root}",
-             f"  data.root=/path/with/the/archive        a folder that holds {archive.name}",
-             "  data=image_folder data.path=/path/to/tree_or_archive",
-             "                                          train/<class>/* and test/<class>/* "
-             "images (a folder or .tar.gz)",
-             "  experiment=smoke                        an offline smoke run on synthetic data"]
+    lines = [
+        f"data.name={name}: the official archive was not found{cause}.",
+        f"  expected: {archive}",
+        f"        or: its extracted folder {folder}",
+        "Do one of:",
+        f"  data.download=true                      download it into data.root={root}",
+        f"  data.root=/path/with/the/archive        a folder that holds {archive.name}",
+        "  data=image_folder data.path=/path/to/tree_or_archive",
+        "                                          train/<class>/* and test/<class>/* images (a folder or .tar.gz)",
+        "  experiment=smoke                        an offline smoke run on synthetic data",
+    ]
     return "\n".join(lines)
 
 
@@ -384,8 +409,9 @@ def _read_official(folder: Path, files: list[str], label_key: str) -> tuple[torc
         data = np.asarray(d["data"], dtype=np.uint8)
         labels = np.asarray(d[label_key], dtype=np.int64)
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != labels.shape[0]:
-            raise ValueError(f"{p}: expected data [N, 3072] and N labels, got data "
-                             f"{data.shape} and {labels.shape[0]} labels")
+            raise ValueError(
+                f"{p}: expected data [N, 3072] and N labels, got data {data.shape} and {labels.shape[0]} labels"
+            )
         xs.append(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()))
         ys.append(torch.from_numpy(labels.copy()))
     return torch.cat(xs).contiguous(), torch.cat(ys)
@@ -403,18 +429,21 @@ def _load_official(name: str, root: Path, download: bool) -> Dataset:
     if not folder.is_dir():
         if archive.is_file():
             if not check_integrity(str(archive), cls.tgz_md5):
-                raise ValueError(f"{archive}: the md5 checksum does not match the official "
-                                 f"{cls.filename} (expected {cls.tgz_md5}); the file is corrupt "
-                                 f"or not the official archive. Delete it and download again "
-                                 f"(data.download=true), or point data.root elsewhere.")
+                raise ValueError(
+                    f"{archive}: the md5 checksum does not match the official "
+                    f"{cls.filename} (expected {cls.tgz_md5}); the file is corrupt "
+                    f"or not the official archive. Delete it and download again "
+                    f"(data.download=true), or point data.root elsewhere."
+                )
             # the cache: 3x32x32 bytes + an int64 label per image (CIFAR-10 and -100: 60,000 images)
             _extract_atomic(archive, folder, subfolder=cls.base_folder, cache_bytes=60_000 * (3 * 32 * 32 + 8))
         elif download:
             root.mkdir(parents=True, exist_ok=True)
             tmp = root / f".{cls.base_folder}.download-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             try:
-                download_and_extract_archive(cls.url, download_root=str(root), extract_root=str(tmp),
-                                             filename=cls.filename, md5=cls.tgz_md5)
+                download_and_extract_archive(
+                    cls.url, download_root=str(root), extract_root=str(tmp), filename=cls.filename, md5=cls.tgz_md5
+                )
                 try:
                     os.rename(tmp / cls.base_folder, folder)
                 except OSError:
@@ -424,9 +453,15 @@ def _load_official(name: str, root: Path, download: bool) -> Dataset:
                 # our own partial or corrupt download: never leave it to be mistaken for the archive
                 if archive.is_file() and not check_integrity(str(archive), cls.tgz_md5):
                     archive.unlink()
-                raise DataNotFoundError(_not_found_message(
-                    name, root, archive, folder,
-                    cause=f" and downloading {cls.url} failed ({type(e).__name__}: {e})")) from e
+                raise DataNotFoundError(
+                    _not_found_message(
+                        name,
+                        root,
+                        archive,
+                        folder,
+                        cause=f" and downloading {cls.url} failed ({type(e).__name__}: {e})",
+                    )
+                ) from e
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         else:
@@ -434,16 +469,17 @@ def _load_official(name: str, root: Path, download: bool) -> Dataset:
 
     missing = [f for f in needed if not (folder / f).is_file()]
     if missing:
-        raise ValueError(f"{folder}: incomplete, {missing[0]!r} is missing (expected "
-                         f"{needed}); delete the folder so it is extracted again from {archive}")
+        raise ValueError(
+            f"{folder}: incomplete, {missing[0]!r} is missing (expected "
+            f"{needed}); delete the folder so it is extracted again from {archive}"
+        )
 
     def build() -> dict:
         log.info("parsing %s", folder)
         xtr, ytr = _read_official(folder, train_files, label_key)
         xte, yte = _read_official(folder, test_files, label_key)
         classes = [str(c) for c in _unpickle(folder / meta_file)[names_key]]
-        return {"train_images": xtr, "train_labels": ytr, "test_images": xte,
-                "test_labels": yte, "classes": classes}
+        return {"train_images": xtr, "train_labels": ytr, "test_images": xte, "test_labels": yte, "classes": classes}
 
     return _cached(name, root, folder, [folder / f for f in needed], build)
 
@@ -467,8 +503,10 @@ def _find_tree(base: Path) -> Path:
     subs = [d for d in base.iterdir() if d.is_dir() and not d.name.startswith(".")]
     if len(subs) == 1 and (subs[0] / "train").is_dir() and (subs[0] / "test").is_dir():
         return subs[0]
-    raise ValueError(f"data.path: {base} holds no train/ and test/ folders (expected "
-                     f"train/<class>/* and test/<class>/*, possibly under one top folder)")
+    raise ValueError(
+        f"data.path: {base} holds no train/ and test/ folders (expected "
+        f"train/<class>/* and test/<class>/*, possibly under one top folder)"
+    )
 
 
 def _list_split(split_dir: Path) -> tuple[list[str], list[list[Path]]]:
@@ -480,8 +518,10 @@ def _list_split(split_dir: Path) -> tuple[list[str], list[list[Path]]]:
     for c in classes:
         fs = sorted(f for f in (split_dir / c).iterdir() if f.is_file() and not f.name.startswith("."))
         if not fs:
-            raise ValueError(f"{split_dir / c}: empty class folder; every class folder needs at "
-                             f"least one image (delete it or add images)")
+            raise ValueError(
+                f"{split_dir / c}: empty class folder; every class folder needs at "
+                f"least one image (delete it or add images)"
+            )
         files.append(fs)
     return classes, files
 
@@ -492,8 +532,10 @@ def _decode(path: Path) -> np.ndarray:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"), dtype=np.uint8)
     except Exception as e:
-        raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e}); image_folder "
-                         f"accepts only image files that PIL can open") from e
+        raise ValueError(
+            f"{path}: not a readable image ({type(e).__name__}: {e}); image_folder "
+            f"accepts only image files that PIL can open"
+        ) from e
 
 
 def _decode_all(files: list[Path], expected: tuple[int, int] | None, workers: int) -> torch.Tensor:
@@ -505,9 +547,11 @@ def _decode_all(files: list[Path], expected: tuple[int, int] | None, workers: in
     def one(i: int) -> None:
         a = first if i == 0 else _decode(files[i])
         if (a.shape[1], a.shape[0]) != exp:
-            raise ValueError(f"{files[i]}: image size {a.shape[1]}x{a.shape[0]} (WxH) differs from "
-                             f"the expected {exp[0]}x{exp[1]} (the first image's, {files[0]}); "
-                             f"image_folder needs all images to have one size")
+            raise ValueError(
+                f"{files[i]}: image size {a.shape[1]}x{a.shape[0]} (WxH) differs from "
+                f"the expected {exp[0]}x{exp[1]} (the first image's, {files[0]}); "
+                f"image_folder needs all images to have one size"
+            )
         out[i] = a
 
     def chunk(lo: int, hi: int) -> None:
@@ -527,17 +571,22 @@ def _decode_all(files: list[Path], expected: tuple[int, int] | None, workers: in
 
 def _load_image_folder(root: Path, path: str | None) -> Dataset:
     if path is None or str(path) == "":
-        raise ValueError("data.path: None; data.name=image_folder needs data.path, a folder with "
-                         "train/<class>/* and test/<class>/* or a .tar.gz/.tgz/.tar archive of one")
+        raise ValueError(
+            "data.path: None; data.name=image_folder needs data.path, a folder with "
+            "train/<class>/* and test/<class>/* or a .tar.gz/.tgz/.tar archive of one"
+        )
     src = resolve_path(path, "data.path")
     if not src.exists():
-        raise ValueError(f"data.path: {src} does not exist; give a folder with train/<class>/* "
-                         f"and test/<class>/* or a .tar.gz/.tgz/.tar archive of one")
+        raise ValueError(
+            f"data.path: {src} does not exist; give a folder with train/<class>/* "
+            f"and test/<class>/* or a .tar.gz/.tgz/.tar archive of one"
+        )
     if src.is_file():
         stem = _archive_stem(src)
         if stem is None:
-            raise ValueError(f"data.path: {src} is a file but not a .tar.gz/.tgz/.tar archive; "
-                             f"give a folder or such an archive")
+            raise ValueError(
+                f"data.path: {src} is a file but not a .tar.gz/.tgz/.tar archive; give a folder or such an archive"
+            )
         dest = root / stem
         if dest.is_dir():
             log.info("using %s, extracted earlier from %s", dest, src)
@@ -551,8 +600,10 @@ def _load_image_folder(root: Path, path: str | None) -> Dataset:
     classes, train_files = _list_split(tree / "train")
     test_classes, test_files = _list_split(tree / "test")
     if test_classes != classes:
-        raise ValueError(f"{tree / 'test'}: class folders {test_classes} differ from "
-                         f"{tree / 'train'}'s {classes}; test must have the same class names")
+        raise ValueError(
+            f"{tree / 'test'}: class folders {test_classes} differ from "
+            f"{tree / 'train'}'s {classes}; test must have the same class names"
+        )
 
     flat_train = [f for fs in train_files for f in fs]
     flat_test = [f for fs in test_files for f in fs]
@@ -562,12 +613,21 @@ def _load_image_folder(root: Path, path: str | None) -> Dataset:
 
     def build() -> dict:
         workers = max(1, min(8, os.cpu_count() or 1))
-        log.info("decoding %d images under %s (%d threads; cached afterwards)",
-                 len(flat_train) + len(flat_test), tree, workers)
+        log.info(
+            "decoding %d images under %s (%d threads; cached afterwards)",
+            len(flat_train) + len(flat_test),
+            tree,
+            workers,
+        )
         xtr = _decode_all(flat_train, None, workers)
         xte = _decode_all(flat_test, (xtr.shape[3], xtr.shape[2]), workers)
-        return {"train_images": xtr, "train_labels": labels(train_files), "test_images": xte,
-                "test_labels": labels(test_files), "classes": classes}
+        return {
+            "train_images": xtr,
+            "train_labels": labels(train_files),
+            "test_images": xte,
+            "test_labels": labels(test_files),
+            "classes": classes,
+        }
 
     return _cached("image_folder", root, tree, flat_train + flat_test, build)
 
@@ -598,8 +658,9 @@ def _synthetic(n_train: int, n_test: int, num_classes: int, seed: int) -> Datase
     xtr, ytr = split(n_train)
     xte, yte = split(n_test)
     mean, std = normalize_stats(xtr)
-    return Dataset(xtr, ytr, xte, yte, [f"class{i}" for i in range(num_classes)], mean, std,
-                   name="synthetic", source="")
+    return Dataset(
+        xtr, ytr, xte, yte, [f"class{i}" for i in range(num_classes)], mean, std, name="synthetic", source=""
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -611,9 +672,15 @@ def _is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
-def load_dataset(name: str, root: str, download: bool = False, path: str | None = None,
-                 synthetic_size: tuple[int, int] = (512, 256), num_classes: int = 10,
-                 seed: int = 0) -> Dataset:
+def load_dataset(
+    name: str,
+    root: str,
+    download: bool = False,
+    path: str | None = None,
+    synthetic_size: tuple[int, int] = (512, 256),
+    num_classes: int = 10,
+    seed: int = 0,
+) -> Dataset:
     """Load a dataset whole, as uint8 tensors (see ``Dataset``).
 
     name: ``cifar10`` | ``cifar100`` (official python archives under ``root``) |
@@ -635,8 +702,9 @@ def load_dataset(name: str, root: str, download: bool = False, path: str | None 
         except TypeError:
             sizes = ()
         if len(sizes) != 2 or not all(_is_int(v) and v > 0 for v in sizes):
-            raise ValueError(f"data.synthetic_size: {synthetic_size!r}; expected [n_train, n_test], "
-                             f"two positive integers")
+            raise ValueError(
+                f"data.synthetic_size: {synthetic_size!r}; expected [n_train, n_test], two positive integers"
+            )
         if not _is_int(num_classes) or num_classes < 2:
             raise ValueError(f"data.num_classes: {num_classes!r}; expected an integer >= 2")
         if not _is_int(seed):
@@ -662,8 +730,10 @@ def describe(ds: Dataset, val: int = 0) -> str:
     names = ", ".join(ds.classes[:10]) + (", ..." if len(ds.classes) > 10 else "")
     src = f" from {ds.source}" if ds.source else ""
     held = f"{val} val / " if val else ""
-    return (f"{ds.name or 'dataset'}: {ds.train_images.shape[0] - val} train / {held}{ds.test_images.shape[0]} "
-            f"test images, {c}x{h}x{w} uint8, {len(ds.classes)} classes ({names}){src}")
+    return (
+        f"{ds.name or 'dataset'}: {ds.train_images.shape[0] - val} train / {held}{ds.test_images.shape[0]} "
+        f"test images, {c}x{h}x{w} uint8, {len(ds.classes)} classes ({names}){src}"
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -703,27 +773,50 @@ class DeviceLoader:
     y: int64 ``[B]``. Both on ``device``.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-                 device: torch.device | str, mean: Sequence[float], std: Sequence[float],
-                 train: bool, seed: int = 0, crop_padding: int = 4, flip: bool = True,
-                 drop_last: bool = True, channels_last: bool = False,
-                 dtype: torch.dtype = torch.float32, alternating_flip: bool = False,
-                 rank: int = 0, world: int = 1):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        device: torch.device | str,
+        mean: Sequence[float],
+        std: Sequence[float],
+        train: bool,
+        seed: int = 0,
+        crop_padding: int = 4,
+        flip: bool = True,
+        drop_last: bool = True,
+        channels_last: bool = False,
+        dtype: torch.dtype = torch.float32,
+        alternating_flip: bool = False,
+        rank: int = 0,
+        world: int = 1,
+    ):
         if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(f"images: expected a uint8 [N, C, H, W] tensor, got "
-                             f"{getattr(images, 'dtype', type(images))} {tuple(getattr(images, 'shape', ()))}")
+            raise ValueError(
+                f"images: expected a uint8 [N, C, H, W] tensor, got "
+                f"{getattr(images, 'dtype', type(images))} {tuple(getattr(images, 'shape', ()))}"
+            )
         n, c, h, w = images.shape
-        if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != n \
-                or labels.dtype != torch.int64:
-            raise ValueError(f"labels: expected an int64 [{n}] tensor, got "
-                             f"{getattr(labels, 'dtype', type(labels))} {tuple(getattr(labels, 'shape', ()))}")
+        if (
+            not isinstance(labels, torch.Tensor)
+            or labels.dim() != 1
+            or labels.shape[0] != n
+            or labels.dtype != torch.int64
+        ):
+            raise ValueError(
+                f"labels: expected an int64 [{n}] tensor, got "
+                f"{getattr(labels, 'dtype', type(labels))} {tuple(getattr(labels, 'shape', ()))}"
+            )
         if n == 0:
             raise ValueError("images: empty split (0 images); expected at least one image")
         if not _is_int(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size: {batch_size!r}; expected a positive integer")
         if not _is_int(crop_padding) or not 0 <= crop_padding < min(h, w):
-            raise ValueError(f"crop_padding: {crop_padding!r} px; expected an integer in "
-                             f"[0, {min(h, w) - 1}] (reflect padding needs it below the image size)")
+            raise ValueError(
+                f"crop_padding: {crop_padding!r} px; expected an integer in "
+                f"[0, {min(h, w) - 1}] (reflect padding needs it below the image size)"
+            )
         mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
         if len(mean) != c or len(std) != c or not all(s > 0 for s in std):
             raise ValueError(f"mean/std: {mean} / {std}; expected {c} values each, std > 0")
@@ -754,8 +847,10 @@ class DeviceLoader:
         self._ar_h = torch.arange(h, device=self.device)
         self._ar_w = torch.arange(w, device=self.device)
         if self.train and self.drop_last and n < self.batch_size:
-            raise ValueError(f"batch_size: {batch_size} exceeds the {n} training images; with "
-                             f"drop_last=True an epoch would have no batches (lower batch_size)")
+            raise ValueError(
+                f"batch_size: {batch_size} exceeds the {n} training images; with "
+                f"drop_last=True an epoch would have no batches (lower batch_size)"
+            )
 
     def __len__(self) -> int:
         """Batches per epoch."""
@@ -809,7 +904,7 @@ class DeviceLoader:
         plan = {k: v.to(self.device, non_blocking=True) for k, v in self.epoch_plan(epoch).items()}
         perm = plan["perm"]
         for b in range(start, nb):
-            idx = perm[b * bs: min((b + 1) * bs, self.n)][self.rank::self.world]  # this rank's share
+            idx = perm[b * bs : min((b + 1) * bs, self.n)][self.rank :: self.world]  # this rank's share
             yield self._augment(idx, plan), self.labels[idx]
 
     def _augment(self, idx: torch.Tensor, plan: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -818,8 +913,7 @@ class DeviceLoader:
         bsz, c, h, w = x.shape
         # out[i, j] = img[reflect(i + dy), reflect(j' + dx)], j' = W-1-j when flipped else j
         rows = _reflect(self._ar_h.view(1, h) + plan["dy"][idx].view(-1, 1), h)
-        cols = torch.where(plan["flip"][idx].view(-1, 1), (w - 1) - self._ar_w.view(1, w),
-                           self._ar_w.view(1, w))
+        cols = torch.where(plan["flip"][idx].view(-1, 1), (w - 1) - self._ar_w.view(1, w), self._ar_w.view(1, w))
         cols = _reflect(cols + plan["dx"][idx].view(-1, 1), w)
         x = x.gather(2, rows.view(bsz, 1, h, 1).expand(bsz, c, h, w))
         x = x.gather(3, cols.view(bsz, 1, 1, w).expand(bsz, c, h, w))

@@ -21,8 +21,18 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["WriteFault", "WRITE_FAULT_ERRNOS", "is_write_fault", "fault_message", "writing",
-           "write_text_atomic", "JsonLines", "torch_save", "free_bytes", "human_bytes"]
+__all__ = [
+    "WriteFault",
+    "WRITE_FAULT_ERRNOS",
+    "is_write_fault",
+    "fault_message",
+    "writing",
+    "write_text_atomic",
+    "JsonLines",
+    "torch_save",
+    "free_bytes",
+    "human_bytes",
+]
 
 # The errors that say "this file system cannot take the write" (not "this input is bad").
 WRITE_FAULT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
@@ -142,7 +152,7 @@ class JsonLines:
             size = os.fstat(self.fd).st_size
             try:
                 while data:  # a full disk may take part of a write and refuse the rest
-                    data = data[os.write(self.fd, data):]
+                    data = data[os.write(self.fd, data) :]
             except OSError:
                 try:
                     os.ftruncate(self.fd, size)
@@ -222,8 +232,9 @@ def truncate_jsonl(path: str | os.PathLike, keep, what: str = "metrics") -> str 
                 ok = bool(keep(record))
             except ValueError as e:
                 if i != last:
-                    raise ValueError(f"{path}: line {i + 1} is not JSON ({e}); delete that line "
-                                     f"(or the file) to resume") from e
+                    raise ValueError(
+                        f"{path}: line {i + 1} is not JSON ({e}); delete that line (or the file) to resume"
+                    ) from e
                 torn, ok = line.decode("utf-8", "replace"), False
             if ok:
                 kept.append(line)

@@ -20,9 +20,14 @@ import time
 from pathlib import Path
 
 # Record key -> the name a logger shows (TensorBoard tag, W&B key, MLflow metric); lr/group_N too.
-TAGS = {"train_loss": "loss/train", "val_loss": "loss/val", "val_acc": "accuracy/val",
-        "test_loss": "loss/test", "test_acc": "accuracy/test",
-        "images_per_second": "throughput/images_per_second"}
+TAGS = {
+    "train_loss": "loss/train",
+    "val_loss": "loss/val",
+    "val_acc": "accuracy/val",
+    "test_loss": "loss/test",
+    "test_acc": "accuracy/test",
+    "images_per_second": "throughput/images_per_second",
+}
 
 
 def open_logger(factory, run_dir, num_groups: int, config: dict | None = None, runs: dict | None = None):
@@ -62,8 +67,17 @@ class CSVLogger:
     has no such value (training rows have no accuracy, evaluation rows no lr)."""
 
     def __init__(self, run_dir: str | Path, num_groups: int, filename: str = "metrics.csv"):
-        self.columns = ["step", "epoch", *[f"lr_{i}" for i in range(num_groups)],
-                        "train_loss", "images_per_second", "val_loss", "val_acc", "test_loss", "test_acc"]
+        self.columns = [
+            "step",
+            "epoch",
+            *[f"lr_{i}" for i in range(num_groups)],
+            "train_loss",
+            "images_per_second",
+            "val_loss",
+            "val_acc",
+            "test_loss",
+            "test_acc",
+        ]
         path = self.path = Path(run_dir) / filename  # .path: named by a write fault (train.MetricsLog)
         new = not path.exists()
         self.file = open(path, "a", newline="")
@@ -170,22 +184,39 @@ class WandbLogger:
     ``<dir or run dir>/wandb/``; offline runs upload later with ``wandb sync``. Needs the
     ``wandb`` package (the ``wandb`` extra)."""
 
-    def __init__(self, run_dir: str | Path, num_groups: int, config: dict | None = None,
-                 runs: dict | None = None, project: str = "imgcls", entity: str | None = None,
-                 mode: str | None = None, group: str | None = None, name: str | None = None,
-                 tags: list | None = None, dir: str | None = None):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        num_groups: int,
+        config: dict | None = None,
+        runs: dict | None = None,
+        project: str = "imgcls",
+        entity: str | None = None,
+        mode: str | None = None,
+        group: str | None = None,
+        name: str | None = None,
+        tags: list | None = None,
+        dir: str | None = None,
+    ):
         try:
             import wandb
         except ImportError:  # from None: config_errors would report the ImportError instead
-            raise ValueError("logger=wandb needs the wandb package: pip install wandb "
-                             "(or the project's `wandb` extra)") from None
+            raise ValueError(
+                "logger=wandb needs the wandb package: pip install wandb (or the project's `wandb` extra)"
+            ) from None
         runs = {} if runs is None else runs
         sweep, job = sweep_job()
         resume_id = runs.get("wandb")
         self.run = wandb.init(
-            project=project, entity=entity, mode=wandb_mode(mode), dir=str(dir or run_dir),
-            group=group or sweep, name=name or job or Path(run_dir).name, tags=list(tags or []),
-            id=resume_id, resume="allow" if resume_id else None,
+            project=project,
+            entity=entity,
+            mode=wandb_mode(mode),
+            dir=str(dir or run_dir),
+            group=group or sweep,
+            name=name or job or Path(run_dir).name,
+            tags=list(tags or []),
+            id=resume_id,
+            resume="allow" if resume_id else None,
         )
         if config is not None:  # a resumed run may change safe keys (trainer.epochs...)
             self.run.config.update(config, allow_val_change=True)
@@ -228,18 +259,28 @@ class MLflowLogger:
     ``mlflow`` or ``mlflow-skinny`` (the ``mlflow`` extra)."""
 
     PARAM_CHARS = 6000  # MLflow's limit on a param value
-    BATCH = 100         # MLflow's limit on params per log_batch call
+    BATCH = 100  # MLflow's limit on params per log_batch call
 
-    def __init__(self, run_dir: str | Path, num_groups: int, config: dict | None = None,
-                 runs: dict | None = None, tracking_uri: str | None = None,
-                 experiment: str = "imgcls", run_name: str | None = None, tags: dict | None = None):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        num_groups: int,
+        config: dict | None = None,
+        runs: dict | None = None,
+        tracking_uri: str | None = None,
+        experiment: str = "imgcls",
+        run_name: str | None = None,
+        tags: dict | None = None,
+    ):
         try:
             from mlflow.entities import Param
             from mlflow.exceptions import MlflowException
             from mlflow.tracking import MlflowClient
         except ImportError:
-            raise ValueError("logger=mlflow needs the mlflow package: pip install mlflow-skinny sqlalchemy alembic "
-                             "(or the project's `mlflow` extra)") from None
+            raise ValueError(
+                "logger=mlflow needs the mlflow package: pip install mlflow-skinny sqlalchemy alembic "
+                "(or the project's `mlflow` extra)"
+            ) from None
         runs = {} if runs is None else runs
         uri, artifacts = mlflow_store(tracking_uri)
         self.client = MlflowClient(tracking_uri=uri)
@@ -255,8 +296,10 @@ class MLflowLogger:
             try:
                 run = self.client.get_run(runs["mlflow"])
             except MlflowException:
-                print(f"logger=mlflow: run {runs['mlflow']} of the checkpoint is not in {uri}; starting a new run",
-                      flush=True)
+                print(
+                    f"logger=mlflow: run {runs['mlflow']} of the checkpoint is not in {uri}; starting a new run",
+                    flush=True,
+                )
         if run is not None:  # continue it: params are immutable, so a changed value becomes a tag
             self.run_id = run.info.run_id
             self.client.update_run(self.run_id, status="RUNNING")
@@ -270,20 +313,22 @@ class MLflowLogger:
             run_tags = {"run_dir": str(Path(run_dir).resolve()), **(tags or {})}
             if sweep:
                 run_tags.update(sweep=sweep, sweep_job=job)
-            run = self.client.create_run(exp_id, run_name=run_name or job or Path(run_dir).name,
-                                         tags={k: str(v) for k, v in run_tags.items()})
+            run = self.client.create_run(
+                exp_id, run_name=run_name or job or Path(run_dir).name, tags={k: str(v) for k, v in run_tags.items()}
+            )
             self.run_id = run.info.run_id
         items = [Param(k, v) for k, v in params.items()]
         for i in range(0, len(items), self.BATCH):
-            self.client.log_batch(self.run_id, params=items[i:i + self.BATCH])
+            self.client.log_batch(self.run_id, params=items[i : i + self.BATCH])
         runs["mlflow"] = self.run_id
 
     def log(self, record: dict) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, int(record["step"]))
-                                                    for k, v in scalars(record).items()])
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(k, v, now, int(record["step"])) for k, v in scalars(record).items()]
+        )
 
     def close(self) -> None:
         # "KILLED" until log_results marks it finished: a run stopped by a signal (or a crash)

@@ -117,8 +117,9 @@ def resnet18(num_classes: int = 10) -> nn.Module:
     return model
 
 
-def timm_model(num_classes: int = 10, name: str = "resnet18", pretrained: bool = False,
-               cifar_stem: bool = False, **kwargs) -> nn.Module:
+def timm_model(
+    num_classes: int = 10, name: str = "resnet18", pretrained: bool = False, cifar_stem: bool = False, **kwargs
+) -> nn.Module:
     """``timm.create_model(name, num_classes=num_classes, pretrained=pretrained, **kwargs)``.
 
     Any of timm's architectures by name (``timm.list_models()``), keyword arguments passed
@@ -138,8 +139,10 @@ def timm_model(num_classes: int = 10, name: str = "resnet18", pretrained: bool =
     try:
         import timm
     except ImportError:
-        raise ValueError("model=timm needs the timm package: pip install timm "
-                         "(or the project's `timm` extra: pip install -e '.[timm]')") from None
+        raise ValueError(
+            "model=timm needs the timm package: pip install timm "
+            "(or the project's `timm` extra: pip install -e '.[timm]')"
+        ) from None
     if not isinstance(name, str) or not name:
         raise ValueError(f"name={name!r} is invalid; expected a timm architecture name such as 'resnet18'")
     if ":" not in name and not timm.is_model(name):  # "hf-hub:org/repo" names are resolved by timm

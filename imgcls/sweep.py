@@ -29,8 +29,18 @@ from imgcls.io import WriteFault, write_text_atomic
 
 EXIT_WRITE_FAULT = 4  # as train.py: a file could not be written (disk full, read-only)
 
-COLUMNS = ("job", "overrides", "status", "best_val_acc", "final_val_acc", "final_test_acc", "best_ckpt_test_acc",
-           "best_test_acc", "train_seconds", "error")
+COLUMNS = (
+    "job",
+    "overrides",
+    "status",
+    "best_val_acc",
+    "final_val_acc",
+    "final_test_acc",
+    "best_ckpt_test_acc",
+    "best_test_acc",
+    "train_seconds",
+    "error",
+)
 
 
 def _exit_on_write_fault(method):
@@ -92,8 +102,11 @@ class SweepSummary(Callback):
         write_summary(sweep_dir, rows)
         print(markdown_table(rows), flush=True)
         failed = sum(r["status"] == "failed" for r in rows)
-        print(f"sweep summary: {sweep_dir / 'summary.csv'} and {sweep_dir / 'summary.md'}"
-              + (f" ({failed} of {len(rows)} jobs failed)" if failed else ""), flush=True)
+        print(
+            f"sweep summary: {sweep_dir / 'summary.csv'} and {sweep_dir / 'summary.md'}"
+            + (f" ({failed} of {len(rows)} jobs failed)" if failed else ""),
+            flush=True,
+        )
         self._printed = True
 
 
@@ -103,14 +116,16 @@ def summarize(sweep_dir: Path) -> list[dict]:
         status = json.loads((job / "status.json").read_text())
         results_file = job / "results.json"
         results = json.loads(results_file.read_text()) if results_file.exists() else {}
-        rows.append({
-            "job": job.name,
-            "overrides": " ".join(status["overrides"]),
-            "status": status["status"],
-            **{c: results.get(c) for c in COLUMNS if c.endswith("_acc")},
-            "train_seconds": results.get("train_seconds"),
-            "error": status["error"].splitlines()[0] if status["error"] else "",
-        })
+        rows.append(
+            {
+                "job": job.name,
+                "overrides": " ".join(status["overrides"]),
+                "status": status["status"],
+                **{c: results.get(c) for c in COLUMNS if c.endswith("_acc")},
+                "train_seconds": results.get("train_seconds"),
+                "error": status["error"].splitlines()[0] if status["error"] else "",
+            }
+        )
     return rows
 
 

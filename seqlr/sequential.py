@@ -185,9 +185,7 @@ def validate_milestones(milestones: Any, num_phases: int) -> list[int]:
             f"{type(milestones).__name__} {milestones!r}"
         )
     if not is_array and (isinstance(milestones, (str, bytes)) or not isinstance(milestones, Sequence)):
-        raise ValueError(
-            f"milestones must be a list of ints, got {type(milestones).__name__} {milestones!r}"
-        )
+        raise ValueError(f"milestones must be a list of ints, got {type(milestones).__name__} {milestones!r}")
     if len(milestones) != num_phases - 1:
         raise ValueError(
             f"milestones must have exactly one fewer entry than schedulers: got "
@@ -228,9 +226,7 @@ def validate_start_from(start_from: Any, n: int) -> list[str | None]:
         )
     for i, mode in enumerate(start_from):
         if mode is not None and mode not in START_FROM:
-            raise ValueError(
-                f"start_from[{i}] must be one of {', '.join(map(repr, START_FROM))} or None, got {mode!r}"
-            )
+            raise ValueError(f"start_from[{i}] must be one of {', '.join(map(repr, START_FROM))} or None, got {mode!r}")
     return [None if mode is None else str(mode) for mode in start_from]
 
 
@@ -266,9 +262,7 @@ def _set(group: dict, key: str, value: Any) -> None:
 
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (
-            isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
-        )
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
     return type(a) is type(b) and a == b
 
 
@@ -546,8 +540,7 @@ class SequentialLR(LRScheduler):
             if not _is_scheduler(child):
                 _restore_groups(optimizer, pristine)
                 raise TypeError(
-                    f"schedulers[{i}] is a callable that returned {type(child).__name__}, "
-                    f"not a learning-rate scheduler"
+                    f"schedulers[{i}] is a callable that returned {type(child).__name__}, not a learning-rate scheduler"
                 )
             if child.optimizer is not optimizer:
                 _restore_groups(optimizer, pristine)
@@ -558,10 +551,13 @@ class SequentialLR(LRScheduler):
             # Keys (other than lr) that this constructor added or changed belong to this phase.
             keys = []
             for group, before in zip(optimizer.param_groups, pristine):
-                keys.append({
-                    k: _copy(v) for k, v in group.items()
-                    if k not in ("params", "lr") and (k not in before or not _same(v, before[k]))
-                })
+                keys.append(
+                    {
+                        k: _copy(v)
+                        for k, v in group.items()
+                        if k not in ("params", "lr") and (k not in before or not _same(v, before[k]))
+                    }
+                )
             built.append(child)
             phase_keys.append(keys)
         return built, phase_keys
@@ -593,9 +589,7 @@ class SequentialLR(LRScheduler):
         self._phase = index
         self._active = self._schedulers[index]
         self._active_kind = self._kinds[index]
-        self._next_milestone = (
-            self._milestones[index] if index < len(self._milestones) else _NO_MILESTONE
-        )
+        self._next_milestone = self._milestones[index] if index < len(self._milestones) else _NO_MILESTONE
 
     def _restart(self, base_lrs: list | None = None) -> None:
         """Back to global step 0 (also what a parent composite calls at our milestone, with

@@ -23,12 +23,37 @@ SHARED_JPG = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 
 
 TIERS = {
-    "unit": ("test_sequential", "test_sequential_properties", "test_checkpoint", "test_conf", "test_data",
-             "test_models", "test_schema", "sequential", "test_splits", "test_averaging", "test_precision"),
+    "unit": (
+        "test_sequential",
+        "test_sequential_properties",
+        "test_checkpoint",
+        "test_conf",
+        "test_data",
+        "test_models",
+        "test_schema",
+        "sequential",
+        "test_splits",
+        "test_averaging",
+        "test_precision",
+    ),
     "integration": ("test_bad_input", "test_evaluate"),
-    "system": ("test_train", "test_faults", "test_faults_disk", "test_distributed", "test_sweeps", "test_loggers",
-               "test_preview", "test_timm", "test_gpu", "test_gpu_recipe_cpu", "test_gpu_report", "test_bench_train",
-               "test_import_sched", "test_runlock", "test_model_selection"),
+    "system": (
+        "test_train",
+        "test_faults",
+        "test_faults_disk",
+        "test_distributed",
+        "test_sweeps",
+        "test_loggers",
+        "test_preview",
+        "test_timm",
+        "test_gpu",
+        "test_gpu_recipe_cpu",
+        "test_gpu_report",
+        "test_bench_train",
+        "test_import_sched",
+        "test_runlock",
+        "test_model_selection",
+    ),
 }
 
 
@@ -49,7 +74,9 @@ def run_train(*overrides: str, check: bool = True, timeout: float = 300, **kw) -
     """Run train.py to completion; on failure show its output."""
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     env["PYTHONUNBUFFERED"] = "1"
-    proc = subprocess.run(train_cmd(*overrides), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kw)
+    proc = subprocess.run(
+        train_cmd(*overrides), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kw
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py {' '.join(overrides)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -79,9 +106,13 @@ def trackers_stay_local(tmp_path_factory):
     default store is a temporary one. Set in os.environ, so train.py subprocesses inherit it."""
     home = tmp_path_factory.mktemp("trackers")
     env = {
-        "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(home / "wandb"),
-        "WANDB_CONFIG_DIR": str(home / "wandb-config"), "WANDB_CACHE_DIR": str(home / "wandb-cache"),
-        "WANDB_DATA_DIR": str(home / "wandb-data"), "WANDB_ARTIFACT_DIR": str(home / "wandb-artifacts"),
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_DIR": str(home / "wandb"),
+        "WANDB_CONFIG_DIR": str(home / "wandb-config"),
+        "WANDB_CACHE_DIR": str(home / "wandb-cache"),
+        "WANDB_DATA_DIR": str(home / "wandb-data"),
+        "WANDB_ARTIFACT_DIR": str(home / "wandb-artifacts"),
         "MLFLOW_TRACKING_URI": str(home / "mlruns"),
     }
     old = {k: os.environ.get(k) for k in [*env, "WANDB_API_KEY"]}
@@ -93,6 +124,8 @@ def trackers_stay_local(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
 def metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -128,8 +161,12 @@ def run_until_sigterm(run_dir, overrides, after_lines: int, timeout: float = 120
     the last step it logged (in ``.signalled_at``), send SIGTERM and let it go on (SIGCONT)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        train_cmd(*overrides, f"hydra.run.dir={run_dir}"), cwd=ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        train_cmd(*overrides, f"hydra.run.dir={run_dir}"),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     log = run_dir / "metrics.jsonl"
     deadline = time.time() + timeout  # seconds (a compiled run takes minutes on a 2-core CPU)

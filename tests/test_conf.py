@@ -18,9 +18,7 @@ from omegaconf import OmegaConf, open_dict
 from imgcls.config import SchedulerStepper, compose_config, config_changes, validate_config
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
-OPTIONS = sorted(
-    (str(p.parent.relative_to(CONF)), p.stem) for p in CONF.rglob("*.yaml") if p.parent != CONF
-)
+OPTIONS = sorted((str(p.parent.relative_to(CONF)), p.stem) for p in CONF.rglob("*.yaml") if p.parent != CONF)
 # What an option needs from outside to compose (image_folder has no default path).
 NEEDS = {("data", "image_folder"): ["data.path=/some/folder"]}
 # Options that need an optional extra: the _target_ they name -> the package (and extra).
@@ -62,8 +60,13 @@ def test_option_composes_validates_and_instantiates(group, option, tmp_path):
         if "tensorboard" in cfg.logger._target_.lower():
             pytest.importorskip("tensorboard", reason="tensorboard is not installed")
         # train.py's call: the trackers also get the config and the checkpoint's run ids
-        logger = open_logger(instantiate(cfg.logger), tmp_path, len(optimizer.param_groups),
-                             config=OmegaConf.to_container(cfg, resolve=True), runs={})
+        logger = open_logger(
+            instantiate(cfg.logger),
+            tmp_path,
+            len(optimizer.param_groups),
+            config=OmegaConf.to_container(cfg, resolve=True),
+            runs={},
+        )
         logger.log({"step": 1, "epoch": 0.1, "lr": scheduler.get_last_lr(), "train_loss": 1.0})
         logger.close()
 
@@ -123,8 +126,10 @@ def test_resume_tolerates_where_the_data_lives_not_what_it_is():
     """config_changes on resume: data.root (and data.download) are safe, any other data key
     is structural (refused without resume_force), as model/optimizer/scheduler keys are."""
     saved = {"data": {"name": "cifar10", "root": "data", "download": True, "crop_padding": 4}, "trainer": {"epochs": 2}}
-    moved = {"data": {"name": "cifar10", "root": "/mnt/data", "download": False, "crop_padding": 4},
-             "trainer": {"epochs": 3}}
+    moved = {
+        "data": {"name": "cifar10", "root": "/mnt/data", "download": False, "crop_padding": 4},
+        "trainer": {"epochs": 3},
+    }
     assert config_changes(saved, moved) == ([], ["data.download", "data.root", "trainer.epochs"])
     other = {"data": {**saved["data"], "crop_padding": 2, "name": "cifar100"}, "trainer": {"epochs": 2}}
     assert config_changes(saved, other) == (["data.crop_padding", "data.name"], [])

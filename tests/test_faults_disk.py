@@ -69,8 +69,12 @@ def tmpfs(tmp_path):
         point = tmp_path / name
         point.mkdir()
         try:
-            proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(point)],
-                                  capture_output=True, text=True, timeout=60)
+            proc = subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(point)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
         except FileNotFoundError:
             pytest.skip("no `mount` command here: cannot make a real full file system")
         if proc.returncode:
@@ -146,8 +150,9 @@ def reference(tmp_path_factory):
     run = tmp_path_factory.mktemp("reference") / "run"
     proc = _run(*SMOKE, f"hydra.run.dir={run}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return SimpleNamespace(dir=run, metrics=metrics(run), weights=weights(run),
-                           ckpt_bytes=(run / "checkpoints" / "last.pt").stat().st_size)
+    return SimpleNamespace(
+        dir=run, metrics=metrics(run), weights=weights(run), ckpt_bytes=(run / "checkpoints" / "last.pt").stat().st_size
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -163,8 +168,7 @@ def test_a_checkpoint_on_a_full_disk_exits_4_and_the_run_resumes_once_there_is_r
     last = run / "checkpoints" / "last.pt"
 
     full = _run(*SMOKE, f"hydra.run.dir={run}")
-    line = _assert_clean_error(full, 4, f"could not save checkpoint to {last}", "No space left on device",
-                               "is intact")
+    line = _assert_clean_error(full, 4, f"could not save checkpoint to {last}", "No space left on device", "is intact")
     assert "unexpected pos" not in full.stderr  # torch's RuntimeError is recognised as the full disk
     assert _load(last)["state"]["step"] == 8  # epoch 1's checkpoint, complete
     assert _temp_files(run / "checkpoints") == set()
@@ -197,8 +201,13 @@ def test_metrics_on_a_full_disk_exit_4_leave_no_torn_line_and_resume_drops_one(t
     expected = sorted(expected + [(8 * e, True) for e in range(1, 7)])
 
     full = _run(*cmd)
-    line = _assert_clean_error(full, 4, f"could not write metrics {run / 'metrics.jsonl'}",
-                               "No space left on device", "last checkpoint is intact")
+    line = _assert_clean_error(
+        full,
+        4,
+        f"could not write metrics {run / 'metrics.jsonl'}",
+        "No space left on device",
+        "last checkpoint is intact",
+    )
     kept = _jsonl(run / "metrics.jsonl")  # no torn line: the record that did not fit was undone
     assert 30 < len(kept) < 54
     assert [(m["step"], "test_acc" in m) for m in kept] == expected[: len(kept)]
@@ -234,10 +243,14 @@ def test_config_on_a_full_disk_and_a_read_only_run_dir_exit_4(tmpfs):
         lambda: _run(*SMOKE, *quiet_hydra, f"hydra.run.dir={full}"),
         lambda: _run(*SMOKE, *quiet_hydra, f"hydra.run.dir={readonly}"),
     )
-    _assert_clean_error(on_full, 4, f"could not write the resolved config {full / 'config.yaml'}",
-                        "No space left on device", "the previous config.yaml is intact")
-    _assert_clean_error(on_ro, 4, f"cannot write checkpoints into {readonly / 'checkpoints'}",
-                        "Read-only file system")
+    _assert_clean_error(
+        on_full,
+        4,
+        f"could not write the resolved config {full / 'config.yaml'}",
+        "No space left on device",
+        "the previous config.yaml is intact",
+    )
+    _assert_clean_error(on_ro, 4, f"cannot write checkpoints into {readonly / 'checkpoints'}", "Read-only file system")
     for d in (full, readonly):
         assert (d / "config.yaml").read_text() == "# the config of an earlier run\n"
         assert not list(d.glob(".*.tmp")) and not (d / "metrics.jsonl").exists()
@@ -298,9 +311,16 @@ def test_the_sweep_summary_on_a_full_or_read_only_disk_exits_4_with_one_line(tmp
     sweep = tmpfs("sweep", "64k")
 
     def job(n):
-        return OmegaConf.create({"hydra": {"mode": "RunMode.MULTIRUN", "runtime": {"output_dir": str(sweep / str(n))},
-                                           "overrides": {"task": [f"optimizer.lr=0.{n + 1}"]},
-                                           "sweep": {"dir": str(sweep)}}})
+        return OmegaConf.create(
+            {
+                "hydra": {
+                    "mode": "RunMode.MULTIRUN",
+                    "runtime": {"output_dir": str(sweep / str(n))},
+                    "overrides": {"task": [f"optimizer.lr=0.{n + 1}"]},
+                    "sweep": {"dir": str(sweep)},
+                }
+            }
+        )
 
     done = SimpleNamespace(status=SimpleNamespace(name="COMPLETED"), _return_value=0.5)
     SweepSummary().on_job_end(job(0), done)
@@ -340,8 +360,15 @@ def test_a_full_data_root_stops_extraction_or_only_the_cache(tmp_path, tmpfs):
         lambda: _run(*data, f"data.root={no_cache}", f"hydra.run.dir={tmp_path / 'run2'}"),
     )
 
-    line = _assert_clean_error(stopped, 4, f"cannot extract {archive}", f"the disk under data.root {no_room} is full",
-                               "the extraction needs about", "the data cache about", "nothing was left behind")
+    line = _assert_clean_error(
+        stopped,
+        4,
+        f"cannot extract {archive}",
+        f"the disk under data.root {no_room} is full",
+        "the extraction needs about",
+        "the data cache about",
+        "nothing was left behind",
+    )
     assert "delete or replace" not in line  # the archive is good: no advice to delete it
     assert list(no_room.iterdir()) == [] and _sha(archive) == digest
 

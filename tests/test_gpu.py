@@ -46,8 +46,12 @@ def test_cuda_per_step_work_has_no_host_sync():
     on the device) under torch's sync debug mode: any device-to-host wait raises. The first
     batch (the epoch plan moves to the GPU) and the first steps (cudnn autotuning) run outside it."""
     cfg, device, data, model, optimizer, scheduler = build_recipe(
-        "experiment=smoke", "trainer.device=cuda", "trainer.precision=auto", "trainer.channels_last=auto",
-        "trainer.fused=auto")
+        "experiment=smoke",
+        "trainer.device=cuda",
+        "trainer.precision=auto",
+        "trainer.channels_last=auto",
+        "trainer.fused=auto",
+    )
     train.seed_everything(cfg.trainer.seed, False, device)  # cudnn.benchmark, as a run sets it
     assert optimizer.param_groups[0]["fused"] is True
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.trainer.label_smoothing)

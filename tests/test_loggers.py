@@ -21,8 +21,9 @@ SMOKE = ["experiment=smoke", "trainer.epochs=1"]
 
 def test_default_run_imports_no_logger(tmp_path):
     env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}
-    proc = subprocess.run(train_cmd(*SMOKE, f"hydra.run.dir={tmp_path}"), cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        train_cmd(*SMOKE, f"hydra.run.dir={tmp_path}"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
     assert "imgcls.data" in imported
@@ -83,11 +84,11 @@ def read_wandb_run(path: Path) -> dict:
         if block - pos % block < 7:  # padding at the end of a block
             pos += block - pos % block
             continue
-        crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if length == 0 and kind == 0:  # zero fill
             pos += block - pos % block
             continue
-        chunk = data[pos + 7:pos + 7 + length]
+        chunk = data[pos + 7 : pos + 7 + length]
         assert zlib.crc32(bytes([kind]) + chunk) & 0xFFFFFFFF == crc, f"{path}: bad checksum at byte {pos}"
         pos += 7 + length
         parts = chunk if kind in (1, 2) else parts + chunk
@@ -178,14 +179,20 @@ def mlflow_client(store: Path):
 
 def mlflow_history(client, run_id: str, lines: list[dict]) -> list[dict]:
     """The tracker's rows in metrics.jsonl's shape: one dict per (step, kind of line)."""
-    hist = {k: {m.step: m.value for m in client.get_metric_history(run_id, k)}
-            for k in ("lr/group_0", "loss/train", "throughput/images_per_second", "accuracy/test", "loss/test")}
+    hist = {
+        k: {m.step: m.value for m in client.get_metric_history(run_id, k)}
+        for k in ("lr/group_0", "loss/train", "throughput/images_per_second", "accuracy/test", "loss/test")
+    }
     epochs = {}
     for m in client.get_metric_history(run_id, "epoch"):
         epochs.setdefault(m.step, []).append(m.value)
     rows = []
     for m in lines:
-        keys = ("lr/group_0", "loss/train", "throughput/images_per_second") if "train_loss" in m else ("accuracy/test", "loss/test")
+        keys = (
+            ("lr/group_0", "loss/train", "throughput/images_per_second")
+            if "train_loss" in m
+            else ("accuracy/test", "loss/test")
+        )
         rows.append({"step": m["step"], **{k: hist[k][m["step"]] for k in keys}, "epoch": m["epoch"]})
         assert m["epoch"] in epochs[m["step"]]
     return rows
@@ -206,7 +213,9 @@ def test_mlflow_store_has_params_metrics_artifacts_and_a_resume_continues_the_ru
     assert run.data.params["trainer.epochs"] == "1" and run.data.params["schedule.steps_per_epoch"] == "8"
     lines = jsonl(run_dir)
     assert_same_scalars(mlflow_history(client, run_id, lines), lines)
-    arts = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in client.list_artifacts(run_id, "checkpoints")}
+    arts = {a.path for a in client.list_artifacts(run_id)} | {
+        a.path for a in client.list_artifacts(run_id, "checkpoints")
+    }
     assert {"results.json", "config.yaml", "checkpoints/last.pt"} <= arts
     local = Path(client.download_artifacts(run_id, "results.json", str(tmp_path)))
     assert json.loads(local.read_text()) == json.loads((run_dir / "results.json").read_text())
@@ -233,8 +242,14 @@ def test_mlflow_store_has_params_metrics_artifacts_and_a_resume_continues_the_ru
 def test_each_sweep_job_is_its_own_run_grouped_by_the_sweep(tmp_path, logger):
     pytest.importorskip(logger, reason=f"{logger} is not installed (pip install -e '.[{logger}]')")
     store, sweep = tmp_path / "mlruns", tmp_path / "sweep"
-    run_train("-m", *SMOKE, f"logger={logger}", f"logger.tracking_uri={store}" if logger == "mlflow" else "logger.tags=[t]",
-              "optimizer.lr=0.1,0.05", f"hydra.sweep.dir={sweep}")
+    run_train(
+        "-m",
+        *SMOKE,
+        f"logger={logger}",
+        f"logger.tracking_uri={store}" if logger == "mlflow" else "logger.tags=[t]",
+        "optimizer.lr=0.1,0.05",
+        f"hydra.sweep.dir={sweep}",
+    )
     if logger == "wandb":
         runs = [r["run"] for job in ("0", "1") for r in wandb_runs(sweep / job)]
         assert len({r.run_id for r in runs}) == 2

@@ -33,9 +33,7 @@ from tests.sched_cases import P, assert_close, make_optimizer, reference, run
 # A test that must pass for ours and fail for torch's class: torch's defect, pinned.
 BOTH = [
     pytest.param(SequentialLR, id="ours"),
-    pytest.param(
-        TorchSequentialLR, id="torch", marks=pytest.mark.xfail(strict=True, reason="torch's defect")
-    ),
+    pytest.param(TorchSequentialLR, id="torch", marks=pytest.mark.xfail(strict=True, reason="torch's defect")),
 ]
 
 
@@ -219,7 +217,11 @@ def test_callable_children_equal_object_children():
 
 
 def test_nested_three_deep_matches_definition():
-    inner = P(SequentialLR, schedulers=[P(CosineAnnealingLR, T_max=4), P(ConstantLR, factor=0.1, total_iters=99)], milestones=[4])
+    inner = P(
+        SequentialLR,
+        schedulers=[P(CosineAnnealingLR, T_max=4), P(ConstantLR, factor=0.1, total_iters=99)],
+        milestones=[4],
+    )
     middle = P(SequentialLR, schedulers=[P(ExponentialLR, gamma=0.7), inner], milestones=[2])
     factories = [P(LinearLR, start_factor=0.1, total_iters=3), middle, P(StepLR, step_size=2, gamma=0.5)]
     opt = make_optimizer(2)
@@ -246,12 +248,17 @@ def test_fix_multiplicative_as_later_phase(cls):
 @pytest.mark.parametrize(
     "cls,composite",
     [pytest.param(SequentialLR, c, id=f"ours-{c}") for c in ("ours", "torch_sequential", "chained")]
-    + [pytest.param(TorchSequentialLR, c, marks=BOTH[1].marks, id=f"torch-{c}") for c in ("torch_sequential", "chained")],
+    + [
+        pytest.param(TorchSequentialLR, c, marks=BOTH[1].marks, id=f"torch-{c}")
+        for c in ("torch_sequential", "chained")
+    ],
 )
 def test_fix_composite_as_later_phase(cls, composite):
     opt = make_optimizer()
     if composite == "chained":
-        inner = ChainedScheduler([ConstantLR(opt, factor=0.5, total_iters=2), ExponentialLR(opt, gamma=0.9)], optimizer=opt)
+        inner = ChainedScheduler(
+            [ConstantLR(opt, factor=0.5, total_iters=2), ExponentialLR(opt, gamma=0.9)], optimizer=opt
+        )
         want = [0.005, 0.005, 0.05 * 0.5, 0.05 * 0.5 * 0.9, 0.05 * 0.9**2, 0.05 * 0.9**3]
     else:
         inner_cls = SequentialLR if composite == "ours" else TorchSequentialLR
@@ -353,7 +360,11 @@ def test_step_without_metrics_in_plateau_phase_raises_and_changes_nothing():
 
 def test_metrics_ignored_by_other_phases_and_forwarded_through_nesting():
     opt = make_optimizer()
-    nested = P(SequentialLR, schedulers=[P(ExponentialLR, gamma=0.5), P(ReduceLROnPlateau, factor=0.1, patience=0)], milestones=[1])
+    nested = P(
+        SequentialLR,
+        schedulers=[P(ExponentialLR, gamma=0.5), P(ReduceLROnPlateau, factor=0.1, patience=0)],
+        milestones=[1],
+    )
     s = SequentialLR(opt, [P(ConstantLR, factor=0.1, total_iters=9), nested], [1])
     s.step(3.0)  # ConstantLR ignores the metric; milestone -> nested starts
     s.step(3.0)  # nested: its milestone -> plateau starts
@@ -422,7 +433,11 @@ def test_start_from_previous_for_a_closed_form_phase():
 def test_start_from_previous_in_a_nested_composite_survives_state_and_last_epoch():
     """A nested SequentialLR handed the lr of the phase before it: its own "base" phases restart
     from that lr, and both save/load and last_epoch=N resume give the same lrs."""
-    inner = P(SequentialLR, schedulers=[P(ConstantLR, factor=1.0, total_iters=1), P(LambdaLR, lr_lambda=lambda e: 0.5**e)], milestones=[2])
+    inner = P(
+        SequentialLR,
+        schedulers=[P(ConstantLR, factor=1.0, total_iters=1), P(LambdaLR, lr_lambda=lambda e: 0.5**e)],
+        milestones=[2],
+    )
     kids = [P(ExponentialLR, gamma=0.5), inner]
     start = [None, "previous"]
     opt = make_optimizer(2)
@@ -445,15 +460,24 @@ def test_start_from_previous_in_a_nested_composite_survives_state_and_last_epoch
 def test_start_from_through_hydra_partial_children():
     from hydra.utils import instantiate
 
-    cfg = OmegaConf.create({
-        "_target_": "sched.SequentialLR", "_partial_": True, "milestones": [4],
-        "start_from": [None, "previous"],
-        "schedulers": [
-            {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "_partial_": True, "T_max": 4},
-            {"_target_": "torch.optim.swa_utils.SWALR", "_partial_": True, "swa_lr": 0.01,
-             "anneal_epochs": 3, "anneal_strategy": "linear"},
-        ],
-    })
+    cfg = OmegaConf.create(
+        {
+            "_target_": "sched.SequentialLR",
+            "_partial_": True,
+            "milestones": [4],
+            "start_from": [None, "previous"],
+            "schedulers": [
+                {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "_partial_": True, "T_max": 4},
+                {
+                    "_target_": "torch.optim.swa_utils.SWALR",
+                    "_partial_": True,
+                    "swa_lr": 0.01,
+                    "anneal_epochs": 3,
+                    "anneal_strategy": "linear",
+                },
+            ],
+        }
+    )
     opt = _swa_opt()
     s = instantiate(cfg)(opt)
     assert [x[0] for x in run(s, opt, 9)] == pytest.approx(SWA_TORCH, rel=1e-6)
@@ -480,7 +504,9 @@ def test_bad_start_from(start_from, match):
 def test_step_with_an_argument_and_no_plateau_phase_is_a_type_error():
     opt = make_optimizer()
     s = SequentialLR(opt, [P(ConstantLR, factor=0.5, total_iters=2), P(ExponentialLR, gamma=0.9)], [2])
-    with pytest.raises(TypeError, match=r"got 5: the epoch argument is not supported.*only for ReduceLROnPlateau phases"):
+    with pytest.raises(
+        TypeError, match=r"got 5: the epoch argument is not supported.*only for ReduceLROnPlateau phases"
+    ):
         s.step(5)
     assert s.last_epoch == 0 and s.get_last_lr() == [0.025]
     torch_s = TorchSequentialLR(opt, [ConstantLR(opt, factor=0.5), ExponentialLR(opt, gamma=0.9)], [2])
@@ -490,7 +516,11 @@ def test_step_with_an_argument_and_no_plateau_phase_is_a_type_error():
 
 def test_step_with_metrics_still_goes_to_a_nested_plateau_phase():
     opt = make_optimizer()
-    nested = P(SequentialLR, schedulers=[P(ConstantLR, factor=1.0), P(ReduceLROnPlateau, factor=0.5, patience=0)], milestones=[1])
+    nested = P(
+        SequentialLR,
+        schedulers=[P(ConstantLR, factor=1.0), P(ReduceLROnPlateau, factor=0.5, patience=0)],
+        milestones=[1],
+    )
     s = SequentialLR(opt, [P(ExponentialLR, gamma=0.9), nested], [1])
     for metric in (1.0, 1.0, 1.0, 1.0):  # milestone, inner milestone, best, bad -> halve
         s.step(metric)
@@ -705,7 +735,9 @@ def test_state_layout_matches_torch():
 def test_state_loads_across_classes(save_cls, load_cls, at):
     def build(cls):
         opt = make_optimizer(2)
-        return opt, cls(opt, [ConstantLR(opt, factor=0.1, total_iters=2), ExponentialLR(opt, gamma=0.9), StepLR(opt, 2)], [3, 5])
+        return opt, cls(
+            opt, [ConstantLR(opt, factor=0.1, total_iters=2), ExponentialLR(opt, gamma=0.9), StepLR(opt, 2)], [3, 5]
+        )
 
     o1, s1 = build(save_cls)
     run(s1, o1, at)
@@ -723,7 +755,10 @@ def test_load_refuses_other_phase_count_and_class():
     with pytest.raises(ValueError, match="saved SequentialLR state has 2 phases, this one has 3"):
         three.load_state_dict(state)
     other = SequentialLR(opt2, [P(ConstantLR), P(StepLR, step_size=2)], [2])
-    with pytest.raises(ValueError, match=r"saved phase 1 does not match phase 1 of this SequentialLR \(StepLR\).*missing.*step_size.*unexpected.*\[\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"saved phase 1 does not match phase 1 of this SequentialLR \(StepLR\).*missing.*step_size.*unexpected.*\[\]",
+    ):
         other.load_state_dict(state)
 
 
@@ -749,7 +784,11 @@ def test_get_last_lr_returns_new_list():
 def test_resume_at_every_step_is_bit_identical():
     factories = [
         P(LinearLR, start_factor=0.1, total_iters=3),
-        P(SequentialLR, schedulers=[P(CosineAnnealingLR, T_max=4), P(MultiplicativeLR, lr_lambda=lambda e: 0.9)], milestones=[4]),
+        P(
+            SequentialLR,
+            schedulers=[P(CosineAnnealingLR, T_max=4), P(MultiplicativeLR, lr_lambda=lambda e: 0.9)],
+            milestones=[4],
+        ),
         P(OneCycleLR, max_lr=0.3, total_steps=20),
     ]
     opt = make_optimizer(2)

@@ -44,12 +44,15 @@ def test_shipped_presets_build_for_32x32():
     assert vit(torch.randn(1, 3, 32, 32)).shape == (1, 10)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(name="resnet18x"), "name='resnet18x' is not a timm architecture; did you mean resnet18"),
-    (dict(name="test_vit", cifar_stem=True), "cifar_stem=true: 'test_vit' has no single conv1"),
-    (dict(name=""), "name='' is invalid"),
-    (dict(name="test_resnet", num_classes=0), "num_classes=0 is invalid"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(name="resnet18x"), "name='resnet18x' is not a timm architecture; did you mean resnet18"),
+        (dict(name="test_vit", cifar_stem=True), "cifar_stem=true: 'test_vit' has no single conv1"),
+        (dict(name=""), "name='' is invalid"),
+        (dict(name="test_resnet", num_classes=0), "num_classes=0 is invalid"),
+    ],
+)
 def test_bad_arguments_are_one_line_errors(kwargs, match):
     with pytest.raises(ValueError, match=match) as e:
         timm_model(**{"num_classes": 10, **kwargs})
@@ -84,8 +87,12 @@ def test_pretrained_weights_load_where_they_are_on_disk(tmp_path, monkeypatch):
     source = timm_model(num_classes=10, name="test_resnet")
     torch.save(source.state_dict(), tmp_path / "weights.pth")
     torch.manual_seed(1)  # a different init, so equality below means the file was loaded
-    loaded = timm_model(num_classes=10, name="test_resnet", pretrained=True,
-                        pretrained_cfg_overlay={"file": str(tmp_path / "weights.pth")})
+    loaded = timm_model(
+        num_classes=10,
+        name="test_resnet",
+        pretrained=True,
+        pretrained_cfg_overlay={"file": str(tmp_path / "weights.pth")},
+    )
     got, want = loaded.state_dict(), source.state_dict()
     body = [k for k in want if not k.startswith("fc.")]
     assert_same_weights({k: got[k] for k in body}, {k: want[k] for k in body})
@@ -96,9 +103,14 @@ def test_pretrained_weights_load_where_they_are_on_disk(tmp_path, monkeypatch):
 def test_pretrained_offline_through_train_py_exits_2_with_one_line(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     env.pop("HYDRA_FULL_ERROR", None)
-    proc = subprocess.run(train_cmd(*TIMM_SMOKE, "model.name=resnet18", "model.pretrained=true",
-                                    f"hydra.run.dir={tmp_path / 'run'}"),
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        train_cmd(*TIMM_SMOKE, "model.name=resnet18", "model.pretrained=true", f"hydra.run.dir={tmp_path / 'run'}"),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: model: pretrained=true: the weights of 'resnet18'")
@@ -137,8 +149,15 @@ def test_train_checkpoint_and_sigterm_resume_are_bit_identical(tmp_path):
 def test_compiled_timm_model_trains_and_saves_plain_weights(tmp_path):
     run = tmp_path / "run"
     # compiling dominates (train and eval graphs): 2 steps and 1 evaluation batch are enough
-    run_train(*TIMM_SMOKE, "trainer.epochs=1", "trainer.compile=true", "trainer.limit_train_batches=2",
-              "trainer.limit_eval_batches=1", f"hydra.run.dir={run}", timeout=600)
+    run_train(
+        *TIMM_SMOKE,
+        "trainer.epochs=1",
+        "trainer.compile=true",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_eval_batches=1",
+        f"hydra.run.dir={run}",
+        timeout=600,
+    )
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     plain = timm.create_model("test_resnet", num_classes=10)
     assert ckpt["model"].keys() == plain.state_dict().keys()  # never the compiled wrapper's _orig_mod.*
