@@ -33,9 +33,9 @@ if TYPE_CHECKING:
 setup()  # the resolvers and the config schema, before Hydra composes conf/
 
 EXIT_SIGNAL = {"SIGTERM": 143, "SIGINT": 130}  # 128 + signal number, as a shell reports it
-EXIT_BAD_INPUT = 2       # a config value, a data file or a checkpoint was refused at start-up
-EXIT_NONFINITE = 3       # the training loss became NaN or inf (the last good checkpoint is kept)
-EXIT_WRITE_FAULT = 4     # a checkpoint could not be written (the previous one is intact)
+EXIT_BAD_INPUT = 2  # a config value, a data file or a checkpoint was refused at start-up
+EXIT_NONFINITE = 3  # the training loss became NaN or inf (the last good checkpoint is kept)
+EXIT_WRITE_FAULT = 4  # a checkpoint could not be written (the previous one is intact)
 
 
 def cli() -> None:
@@ -56,16 +56,16 @@ def main(cfg: DictConfig) -> float | None:
 def recipe(cfg: DictConfig, run_dir: Path) -> float | None:
     from imgcls.checkpoint import resume
 
-    validate_config(cfg)                                     # 1. config (fails before any work)
-    check_writable(run_dir)                                  #    the run directory
-    device = pick_device(cfg)                                #    the device
-    dist, device, run_dir = join_ranks(device, run_dir)      #    torchrun: one process per device
+    validate_config(cfg)  # 1. config (fails before any work)
+    check_writable(run_dir)  #    the run directory
+    device = pick_device(cfg)  #    the device
+    dist, device, run_dir = join_ranks(device, run_dir)  #    torchrun: one process per device
     seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, device)  # 2. seed
-    data = load_data(cfg, device, dist)                      # 3. data (fills schedule.steps_per_epoch)
-    model = build_model(cfg, data.num_classes, device)       # 4. model
-    optimizer = build_optimizer(cfg, model, device)          # 5. optimizer
-    scheduler = build_scheduler(cfg, optimizer)              # 6. scheduler
-    write_config(cfg, run_dir, dist)                         #    the resolved config, beside .hydra/
+    data = load_data(cfg, device, dist)  # 3. data (fills schedule.steps_per_epoch)
+    model = build_model(cfg, data.num_classes, device)  # 4. model
+    optimizer = build_optimizer(cfg, model, device)  # 5. optimizer
+    scheduler = build_scheduler(cfg, optimizer)  # 6. scheduler
+    write_config(cfg, run_dir, dist)  #    the resolved config, beside .hydra/
     state = resume(cfg, run_dir, model, optimizer, scheduler, dist)  # 7. resume
     if state.epoch >= cfg.trainer.epochs:
         print(f"run in {run_dir} already finished at step {state.step}: nothing to do")
@@ -73,7 +73,7 @@ def recipe(cfg: DictConfig, run_dir: Path) -> float | None:
     stop = train(cfg, run_dir, data, model, optimizer, scheduler, state, device, dist)  # 8. loop
     if stop:
         sys.exit(EXIT_SIGNAL[stop])
-    write_results(run_dir, state, device, dist)              # 9. save
+    write_results(run_dir, state, device, dist)  # 9. save
     distributed.shutdown(dist)
     return state.best_acc
 
@@ -177,8 +177,17 @@ def load_data(cfg: DictConfig, device, dist) -> Data:
     channels_last = device.type == "cuda"  # NHWC feeds the tensor cores without transposes
     common = dict(device=device, mean=ds.mean, std=ds.std, channels_last=channels_last, dtype=torch.float32)
     train = DeviceLoader(  # trainer.batch_size is the global batch: rank r takes its images r::N
-        ds.train_images, ds.train_labels, t.batch_size, train=True, seed=t.seed, rank=dist.rank, world=dist.world,
-        crop_padding=d.crop_padding, flip=d.flip, alternating_flip=d.alternating_flip, **common,
+        ds.train_images,
+        ds.train_labels,
+        t.batch_size,
+        train=True,
+        seed=t.seed,
+        rank=dist.rank,
+        world=dist.world,
+        crop_padding=d.crop_padding,
+        flip=d.flip,
+        alternating_flip=d.alternating_flip,
+        **common,
     )
     test = DeviceLoader(ds.test_images, ds.test_labels, t.eval_batch_size, train=False, drop_last=False, **common)
     steps = min(len(train), t.limit_train_batches or len(train))
@@ -398,7 +407,9 @@ class Loop:
         """Under torchrun rank 0 evaluates the model without its DDP wrapper (a DDP forward on
         one rank alone would wait for the others); every rank gets the numbers."""
         net = self.model if self.dist.enabled else self.net
-        result = evaluate(net, self.data.test, self.t, self.device, self.bf16, self.loss_fn) if self.dist.is_main else None
+        result = (
+            evaluate(net, self.data.test, self.t, self.device, self.bf16, self.loss_fn) if self.dist.is_main else None
+        )
         return distributed.broadcast(result, self.dist)
 
     def checkpoint(self) -> None:
@@ -455,8 +466,11 @@ class Reporter:
     def __init__(self, loop: Loop):
         cfg, t, dist, state = loop.cfg, loop.t, loop.dist, loop.state
         progress = _progress_enabled(t.progress) and dist.is_main
-        self.log = (MetricsLog(loop.run_dir / "metrics.jsonl", progress, build_logger(cfg, loop.run_dir, loop.optimizer))
-                    if dist.is_main else MetricsLog(None, progress))
+        self.log = (
+            MetricsLog(loop.run_dir / "metrics.jsonl", progress, build_logger(cfg, loop.run_dir, loop.optimizer))
+            if dist.is_main
+            else MetricsLog(None, progress)
+        )
         self.bar = _bar(progress, total=t.epochs * loop.data.steps_per_epoch, initial=state.step)
         self.interval_start = (time.perf_counter(), state.images)  # for images/s per log interval
         self.pending = None  # (record, images/s) of a line waiting for its lr
@@ -471,8 +485,12 @@ class Reporter:
     def after_step(self, loop: Loop) -> None:
         state = loop.state
         if state.step % loop.t.log_every == 0:
-            record = {"step": state.step, "epoch": state.epoch + state.batch / loop.data.steps_per_epoch,
-                      "lr": None, "train_loss": loop.take_loss()}  # the one host sync
+            record = {
+                "step": state.step,
+                "epoch": state.epoch + state.batch / loop.data.steps_per_epoch,
+                "lr": None,
+                "train_loss": loop.take_loss(),
+            }  # the one host sync
             now = time.perf_counter()
             speed = (state.images - self.interval_start[1]) / max(now - self.interval_start[0], 1e-9)
             self.interval_start = (now, state.images)
@@ -574,7 +592,9 @@ def write_results(run_dir: Path, state: State, device, dist) -> None:
     }
     (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     acc = results["final_test_acc"]
-    print(f"done: test accuracy {acc if acc is None else f'{acc:.4f}'}, results in {run_dir / 'results.json'}", flush=True)
+    print(
+        f"done: test accuracy {acc if acc is None else f'{acc:.4f}'}, results in {run_dir / 'results.json'}", flush=True
+    )
 
 
 _PROCESS_START = time.time()

@@ -53,15 +53,15 @@ MODELS = ("resnet9", "resnet18")
 NUM_CLASSES = 10
 # defaults per device: (CUDA, CPU)
 DEFAULTS = {
-    "batch": (512, 64),          # images per training step
-    "eval_batch": (1024, 128),   # images per evaluation batch (trainer.eval_batch_size on CUDA)
-    "width": (64, 16),           # resnet9 width (resnet18's is fixed)
-    "warmup": (20, 3),           # steps after the first one, before timing
-    "steps": (100, 5),           # timed steps (and as many in the breakdown pass)
+    "batch": (512, 64),  # images per training step
+    "eval_batch": (1024, 128),  # images per evaluation batch (trainer.eval_batch_size on CUDA)
+    "width": (64, 16),  # resnet9 width (resnet18's is fixed)
+    "warmup": (20, 3),  # steps after the first one, before timing
+    "steps": (100, 5),  # timed steps (and as many in the breakdown pass)
     "train_images": (50_000, 1024),  # synthetic dataset: CIFAR-10's sizes on CUDA
     "test_images": (10_000, 256),
     "matmul_n": (8192, 2048),
-    "eval_passes": (3, 1),       # timed evaluation passes (after one untimed)
+    "eval_passes": (3, 1),  # timed evaluation passes (after one untimed)
 }
 
 
@@ -102,8 +102,13 @@ def resolve_settings(args) -> dict:
         if getattr(args, key) is not None:
             s[key] = getattr(args, key)
     s["train_images"] = max(s["train_images"], s["batch"])
-    s.update(device="cuda" if cuda else "cpu", models=args.models, compile=args.compile,
-             precision="bf16 autocast" if cuda else "fp32", channels_last=cuda)
+    s.update(
+        device="cuda" if cuda else "cpu",
+        models=args.models,
+        compile=args.compile,
+        precision="bf16 autocast" if cuda else "fp32",
+        channels_last=cuda,
+    )
     return s
 
 
@@ -122,10 +127,15 @@ def provenance(device: torch.device) -> dict:
             pass
         name = f"CPU: {name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
     try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         commit = (commit + (" + uncommitted changes" if dirty else "")) if commit else "unknown"
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
@@ -180,8 +190,13 @@ def matmul_ceiling(device: torch.device, n: int, warmup: int = 3, reps: int = 10
 
     seconds = timed(run, device) / reps  # per matmul
     flops = 2 * n**3  # multiply-adds x 2
-    return {"dtype": str(dtype).removeprefix("torch."), "n": n, "reps": reps, "seconds_mean": seconds,
-            "tflops": flops / seconds / 1e12}
+    return {
+        "dtype": str(dtype).removeprefix("torch."),
+        "n": n,
+        "reps": reps,
+        "seconds_mean": seconds,
+        "tflops": flops / seconds / 1e12,
+    }
 
 
 # --------------------------------------------------------------------------------------
@@ -209,10 +224,18 @@ def make_loaders(cfg, ds, device: torch.device, batch: int, eval_batch: int):
     from imgcls.data import DeviceLoader
 
     d = cfg.data
-    common = dict(device=device, mean=ds.mean, std=ds.std, channels_last=device.type == "cuda",
-                  dtype=torch.float32)
-    train = DeviceLoader(ds.train_images, ds.train_labels, batch, train=True, seed=cfg.trainer.seed,
-                         crop_padding=d.crop_padding, flip=d.flip, alternating_flip=d.alternating_flip, **common)
+    common = dict(device=device, mean=ds.mean, std=ds.std, channels_last=device.type == "cuda", dtype=torch.float32)
+    train = DeviceLoader(
+        ds.train_images,
+        ds.train_labels,
+        batch,
+        train=True,
+        seed=cfg.trainer.seed,
+        crop_padding=d.crop_padding,
+        flip=d.flip,
+        alternating_flip=d.alternating_flip,
+        **common,
+    )
     test = DeviceLoader(ds.test_images, ds.test_labels, eval_batch, train=False, drop_last=False, **common)
     return train, test
 
@@ -246,9 +269,11 @@ def count_forward_flops(model) -> int:
 def describe_recipe(optimizer, scheduler) -> str:
     g = optimizer.param_groups[0]
     phases = [type(s).__name__ for s in getattr(scheduler, "_schedulers", [])]
-    return (f"{type(optimizer).__name__}(lr={g['initial_lr']}, momentum={g['momentum']}, "
-            f"nesterov={g['nesterov']}, weight_decay={g['weight_decay']}, fused={bool(g.get('fused'))}), "
-            f"{type(scheduler).__name__}({', '.join(phases)}) stepped per step")
+    return (
+        f"{type(optimizer).__name__}(lr={g['initial_lr']}, momentum={g['momentum']}, "
+        f"nesterov={g['nesterov']}, weight_decay={g['weight_decay']}, fused={bool(g.get('fused'))}), "
+        f"{type(scheduler).__name__}({', '.join(phases)}) stepped per step"
+    )
 
 
 def endless_batches(loader):
@@ -262,8 +287,15 @@ def endless_batches(loader):
 # --------------------------------------------------------------------------------------
 # 2-5. one model
 # --------------------------------------------------------------------------------------
-def bench_model(name: str, s: dict, device: torch.device, train_loader, test_loader,
-                compose_overrides: list[str], matmul_tflops: float) -> dict:
+def bench_model(
+    name: str,
+    s: dict,
+    device: torch.device,
+    train_loader,
+    test_loader,
+    compose_overrides: list[str],
+    matmul_tflops: float,
+) -> dict:
     from omegaconf import open_dict
 
     import train as recipe  # train.py: the step and the evaluation it times are the real ones
@@ -280,9 +312,11 @@ def bench_model(name: str, s: dict, device: torch.device, train_loader, test_loa
     net = torch.compile(model) if s["compile"] else model
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
     batches = endless_batches(train_loader)
-    print(f"\n{name}: width {cfg.model.get('width', 64)}, {sum(p.numel() for p in model.parameters()):,} "
-          f"parameters, {fwd_flops / 1e9:.3f} GFLOP forward per image; {describe_recipe(optimizer, scheduler)}",
-          flush=True)
+    print(
+        f"\n{name}: width {cfg.model.get('width', 64)}, {sum(p.numel() for p in model.parameters()):,} "
+        f"parameters, {fwd_flops / 1e9:.3f} GFLOP forward per image; {describe_recipe(optimizer, scheduler)}",
+        flush=True,
+    )
 
     def step_fn(x, y):  # the step train.py runs (trainer.skip_nonfinite=false, the default)
         return recipe.train_step(net, optimizer, loss_fn, x, y, bf16)
@@ -307,8 +341,11 @@ def bench_model(name: str, s: dict, device: torch.device, train_loader, test_loa
     train_s = timed(lambda: train_steps(s["steps"]), device)
     steady_step_s = train_s / s["steps"]
     train_ips = s["batch"] * s["steps"] / train_s
-    print(f"  train: {train_ips:,.0f} images/s ({steady_step_s * 1e3:.2f} ms/step over {s['steps']} steps; "
-          f"first step {first_step_s:.3f} s)", flush=True)
+    print(
+        f"  train: {train_ips:,.0f} images/s ({steady_step_s * 1e3:.2f} ms/step over {s['steps']} steps; "
+        f"first step {first_step_s:.3f} s)",
+        flush=True,
+    )
 
     # 5. breakdown pass: the same steps, synchronised between phases (this pass only)
     phases = {"data": 0.0, "forward_backward": 0.0, "optimizer": 0.0, "scheduler": 0.0}  # seconds, summed
@@ -357,8 +394,14 @@ def bench_model(name: str, s: dict, device: torch.device, train_loader, test_loa
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         path = Path(tmp) / "checkpoints" / "last.pt"
         t0 = time.perf_counter()
-        save_checkpoint({"model": unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict()}, path)
+        save_checkpoint(
+            {
+                "model": unwrap_model(model).state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+            },
+            path,
+        )
         checkpoint_write_s = time.perf_counter() - t0
         checkpoint_mb = path.stat().st_size / 1e6
 
@@ -403,13 +446,17 @@ def print_header(prov: dict, s: dict) -> None:
     cuda = f", CUDA {prov['cuda']}, cuDNN {prov['cudnn']}" if prov["cuda"] else ""
     print(f"  torch   : {prov['torch']}{cuda}, Python {prov['python']}")
     print(f"  git     : {prov['git']}")
-    print(f"  settings: batch {s['batch']}, eval batch {s['eval_batch']}, resnet9 width {s['width']}, "
-          f"first step + {s['warmup']} warmup + {s['steps']} timed steps, {s['precision']}, "
-          f"channels_last {s['channels_last']}, compile {s['compile']}; synthetic data "
-          f"{s['train_images']} train / {s['test_images']} test 3x32x32 uint8 on the device")
+    print(
+        f"  settings: batch {s['batch']}, eval batch {s['eval_batch']}, resnet9 width {s['width']}, "
+        f"first step + {s['warmup']} warmup + {s['steps']} timed steps, {s['precision']}, "
+        f"channels_last {s['channels_last']}, compile {s['compile']}; synthetic data "
+        f"{s['train_images']} train / {s['test_images']} test 3x32x32 uint8 on the device"
+    )
     if s["device"] == "cpu":
-        print("  CPU run: scaled down (CUDA defaults: width 64, batch 512, 20 warmup + 100 timed steps, "
-              "bf16); these fp32 CPU figures say nothing about a GPU.")
+        print(
+            "  CPU run: scaled down (CUDA defaults: width 64, batch 512, 20 warmup + 100 timed steps, "
+            "bf16); these fp32 CPU figures say nothing about a GPU."
+        )
         print("  The GPU figures need a CUDA machine: run `python benchmarks/bench_train.py` on one.")
     sys.stdout.flush()
 
@@ -417,30 +464,40 @@ def print_header(prov: dict, s: dict) -> None:
 def print_table(results: dict) -> None:
     mm, st, models = results["matmul"], results["startup"], results["models"]
     print("\n=== summary " + "=" * 78)
-    print(f"matmul ceiling: {mm['tflops']:.3f} TFLOP/s ({mm['dtype']} {mm['n']}^3, mean of {mm['reps']}, "
-          f"{mm['seconds_mean'] * 1e3:.2f} ms each)")
-    print(f"start-up (s): import torch {st['import_torch_s']:.2f} (fresh process) | Hydra import "
-          f"{st['hydra_import_s']:.3f} + compose {st['hydra_compose_s']:.3f} | dataset to device "
-          f"{st['dataset_to_device_s']:.4f} ({st['dataset_mb']:.1f} MB)")
+    print(
+        f"matmul ceiling: {mm['tflops']:.3f} TFLOP/s ({mm['dtype']} {mm['n']}^3, mean of {mm['reps']}, "
+        f"{mm['seconds_mean'] * 1e3:.2f} ms each)"
+    )
+    print(
+        f"start-up (s): import torch {st['import_torch_s']:.2f} (fresh process) | Hydra import "
+        f"{st['hydra_import_s']:.3f} + compose {st['hydra_compose_s']:.3f} | dataset to device "
+        f"{st['dataset_to_device_s']:.4f} ({st['dataset_mb']:.1f} MB)"
+    )
     print("\nthroughput (steady state)      train       eval    train GFLOP   floor    measured  measured")
     print("model      width  batch      img/s      img/s      per image  us/img      us/img   / floor")
     for name, r in models.items():
-        print(f"{name:<10} {r['width']:>5} {results['settings']['batch']:>6} {r['train_images_per_s']:>10,.0f} "
-              f"{r['eval_images_per_s']:>10,.0f} {r['train_flops_per_image'] / 1e9:>14.3f} "
-              f"{r['floor_us_per_image']:>7.2f} {r['measured_us_per_image']:>11.2f} {r['floor_ratio']:>9.2f}")
+        print(
+            f"{name:<10} {r['width']:>5} {results['settings']['batch']:>6} {r['train_images_per_s']:>10,.0f} "
+            f"{r['eval_images_per_s']:>10,.0f} {r['train_flops_per_image'] / 1e9:>14.3f} "
+            f"{r['floor_us_per_image']:>7.2f} {r['measured_us_per_image']:>11.2f} {r['floor_ratio']:>9.2f}"
+        )
     print("\nper training step, ms (a separate breakdown pass, synchronised between phases; the throughput")
     print("pass has no sync inside, so on CUDA, where host and GPU overlap, the sum exceeds a steady step)")
     print("model        data  fwd+bwd  optimizer  scheduler      sum   steady step")
     for name, r in models.items():
         b = r["breakdown_ms_per_step"]
-        print(f"{name:<10} {b['data']:>6.2f} {b['forward_backward']:>8.2f} {b['optimizer']:>10.2f} "
-              f"{b['scheduler']:>10.3f} {b['sum']:>8.2f} {r['steady_step_s'] * 1e3:>13.2f}")
+        print(
+            f"{name:<10} {b['data']:>6.2f} {b['forward_backward']:>8.2f} {b['optimizer']:>10.2f} "
+            f"{b['scheduler']:>10.3f} {b['sum']:>8.2f} {r['steady_step_s'] * 1e3:>13.2f}"
+        )
     print("\nonce, s         first step  steady step  compile  1st eval  eval pass  checkpoint (MB)")
     for name, r in models.items():
         comp = f"{r['compile_s']:.2f}" if r["compile_s"] is not None else "-"
-        print(f"{name:<15} {r['first_step_s']:>10.3f} {r['steady_step_s']:>12.4f} {comp:>8} "
-              f"{r['first_eval_pass_s']:>9.3f} {r['eval_pass_s']:>10.3f} {r['checkpoint_write_s']:>8.3f} "
-              f"({r['checkpoint_mb']:.1f})")
+        print(
+            f"{name:<15} {r['first_step_s']:>10.3f} {r['steady_step_s']:>12.4f} {comp:>8} "
+            f"{r['first_eval_pass_s']:>9.3f} {r['eval_pass_s']:>10.3f} {r['checkpoint_write_s']:>8.3f} "
+            f"({r['checkpoint_mb']:.1f})"
+        )
     sys.stdout.flush()
 
 
@@ -458,6 +515,7 @@ def main(argv=None) -> None:
     startup = {"import_torch_s": import_torch_seconds()}
     t0 = time.perf_counter()
     import hydra  # noqa: F401  (timed: train.py imports it at start-up)
+
     startup["hydra_import_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     compose([])  # conf/config.yaml as it stands
@@ -468,11 +526,18 @@ def main(argv=None) -> None:
 
     from imgcls.data import load_dataset
 
-    overrides = ["data=synthetic", "optimizer=sgd", "scheduler=warmup_linear", f"trainer.batch_size={s['batch']}",
-                 f"trainer.eval_batch_size={s['eval_batch']}", f"trainer.device={s['device']}",
-                 f"data.synthetic_size=[{s['train_images']},{s['test_images']}]"]
-    ds = load_dataset("synthetic", root="data", synthetic_size=(s["train_images"], s["test_images"]),
-                      num_classes=NUM_CLASSES, seed=0)
+    overrides = [
+        "data=synthetic",
+        "optimizer=sgd",
+        "scheduler=warmup_linear",
+        f"trainer.batch_size={s['batch']}",
+        f"trainer.eval_batch_size={s['eval_batch']}",
+        f"trainer.device={s['device']}",
+        f"data.synthetic_size=[{s['train_images']},{s['test_images']}]",
+    ]
+    ds = load_dataset(
+        "synthetic", root="data", synthetic_size=(s["train_images"], s["test_images"]), num_classes=NUM_CLASSES, seed=0
+    )
     data_cfg = compose(overrides)
     sync(device)
     t0 = time.perf_counter()

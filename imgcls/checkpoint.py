@@ -213,9 +213,7 @@ def load_checkpoint(path: str | Path) -> dict:
             f"(truncated, corrupt, or holds non-data objects): {type(e).__name__}: {_short_reason(e)}"
         ) from e
     if not isinstance(state, dict):
-        raise CheckpointError(
-            f"checkpoint {path} holds a {type(state).__name__}; expected a dict of named entries"
-        )
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}; expected a dict of named entries")
     return state
 
 
@@ -234,8 +232,9 @@ def find_resumable(path: str | Path, keep: int) -> tuple[dict, Path] | None:
     if not existing:
         return None
     if existing[0] != path:
-        warnings.warn(f"checkpoint {path} does not exist; trying backups {[str(p) for p in existing]}",
-                      UserWarning, stacklevel=2)
+        warnings.warn(
+            f"checkpoint {path} does not exist; trying backups {[str(p) for p in existing]}", UserWarning, stacklevel=2
+        )
     failures = []
     for p in existing:
         try:
@@ -243,9 +242,7 @@ def find_resumable(path: str | Path, keep: int) -> tuple[dict, Path] | None:
         except CheckpointError as e:
             failures.append(str(e))
             warnings.warn(f"skipping corrupt checkpoint {p}: {e}", UserWarning, stacklevel=2)
-    raise CheckpointError(
-        f"no loadable checkpoint among {[str(p) for p in existing]}:\n  " + "\n  ".join(failures)
-    )
+    raise CheckpointError(f"no loadable checkpoint among {[str(p) for p in existing]}:\n  " + "\n  ".join(failures))
 
 
 def rng_state() -> dict:
@@ -279,8 +276,12 @@ def set_rng_state(state: dict) -> None:
         saved = state["cuda"]
         n = torch.cuda.device_count()
         if len(saved) != n:
-            warnings.warn(f"rng state has {len(saved)} CUDA generator(s) but {n} device(s) are visible; "
-                          f"restoring the first {min(len(saved), n)}", UserWarning, stacklevel=2)
+            warnings.warn(
+                f"rng state has {len(saved)} CUDA generator(s) but {n} device(s) are visible; "
+                f"restoring the first {min(len(saved), n)}",
+                UserWarning,
+                stacklevel=2,
+            )
         for i, s in enumerate(saved[:n]):
             torch.cuda.set_rng_state(s.cpu(), i)
 
@@ -307,17 +308,17 @@ class State:
     """Counters that a checkpoint carries, besides the model, optimizer and scheduler."""
 
     def __init__(self):
-        self.step = 0            # optimizer steps done
-        self.epoch = 0           # epoch in progress
-        self.batch = 0           # next batch of that epoch
+        self.step = 0  # optimizer steps done
+        self.epoch = 0  # epoch in progress
+        self.batch = 0  # next batch of that epoch
         self.finished = False
-        self.best_acc = None     # best test accuracy so far
-        self.last_eval = None    # {"test_loss", "test_acc"} of the latest evaluation
-        self.loss_sum = 0.0      # training loss summed since the last log line...
-        self.loss_count = 0      # ...over this many steps
+        self.best_acc = None  # best test accuracy so far
+        self.last_eval = None  # {"test_loss", "test_acc"} of the latest evaluation
+        self.loss_sum = 0.0  # training loss summed since the last log line...
+        self.loss_count = 0  # ...over this many steps
         self.train_seconds = 0.0
-        self.images = 0          # training images processed (for images per second)
-        self.skipped_steps = 0   # steps whose loss was NaN/inf, dropped (trainer.skip_nonfinite)
+        self.images = 0  # training images processed (for images per second)
+        self.skipped_steps = 0  # steps whose loss was NaN/inf, dropped (trainer.skip_nonfinite)
 
     def to_dict(self) -> dict:
         return dict(vars(self))
@@ -363,9 +364,12 @@ def resume(cfg: DictConfig, run_dir: Path, model, optimizer, scheduler, dist) ->
         trim_metrics(run_dir / "metrics.jsonl", state.step)
     print(f"resumed from {path} at step {state.step} (epoch {state.epoch}, batch {state.batch})", flush=True)
     if state.epoch < cfg.trainer.epochs and all(float(lr) == 0.0 for lr in scheduler.get_last_lr()):
-        print(f"warning: resume: the saved schedule has already brought the lr to 0 (step {state.step}); "
-              f"the epochs from {state.epoch} to {cfg.trainer.epochs} would train at lr 0 (a checkpoint's "
-              f"schedule keeps its lengths): start a new run directory to train longer", flush=True)
+        print(
+            f"warning: resume: the saved schedule has already brought the lr to 0 (step {state.step}); "
+            f"the epochs from {state.epoch} to {cfg.trainer.epochs} would train at lr 0 (a checkpoint's "
+            f"schedule keeps its lengths): start a new run directory to train longer",
+            flush=True,
+        )
     return state
 
 

@@ -128,8 +128,10 @@ def schedule_misfits(scheduler, cfg: DictConfig) -> list[str]:
         if milestones is not None and children is not None:  # a SequentialLR
             for i, m in enumerate(milestones):
                 if offset + m >= end:
-                    found.append(f"{path}milestones[{i}] = {m} starts {path}schedulers[{i + 1}] at {at(offset + m)}, not "
-                                 f"before the end of {where} at {at(end)}: that phase never runs")
+                    found.append(
+                        f"{path}milestones[{i}] = {m} starts {path}schedulers[{i + 1}] at {at(offset + m)}, not "
+                        f"before the end of {where} at {at(end)}: that phase never runs"
+                    )
                     break
             starts = [0, *milestones]
             for i, child in enumerate(children):
@@ -143,13 +145,17 @@ def schedule_misfits(scheduler, cfg: DictConfig) -> list[str]:
         if name == "MultiStepLR":
             for m in sorted(s.milestones):
                 if offset + m >= end:
-                    found.append(f"{path}milestones: {m} is at {at(offset + m)}, not before the end of "
-                                 f"{where} at {at(end)}: that decay never happens")
+                    found.append(
+                        f"{path}milestones: {m} is at {at(offset + m)}, not before the end of "
+                        f"{where} at {at(end)}: that decay never happens"
+                    )
         key = _LENGTHS.get(name)
         if key is not None and offset + int(getattr(s, key)) > end:
             n = int(getattr(s, key))
-            found.append(f"{path}{key} = {n}: the {name} phase from {at(offset)} needs until "
-                         f"{at(offset + n)}, but {where} ends at {at(end)}: it never completes")
+            found.append(
+                f"{path}{key} = {n}: the {name} phase from {at(offset)} needs until "
+                f"{at(offset + n)}, but {where} ends at {at(end)}: it never completes"
+            )
 
     walk(scheduler, 0, total, "scheduler.")
     return found
@@ -161,13 +167,18 @@ def check_schedule_fits(scheduler, cfg: DictConfig) -> None:
     if not misfits:
         return
     spe = cfg.schedule.steps_per_epoch
-    message = (f"{misfits[0]} (the run: {cfg.trainer.epochs} epochs x {spe} steps = "
-               f"{cfg.trainer.epochs * spe} steps); shorten the schedule, raise trainer.epochs, "
-               f"or set schedule.allow_truncated=true to run it cut short")
+    message = (
+        f"{misfits[0]} (the run: {cfg.trainer.epochs} epochs x {spe} steps = "
+        f"{cfg.trainer.epochs * spe} steps); shorten the schedule, raise trainer.epochs, "
+        f"or set schedule.allow_truncated=true to run it cut short"
+    )
     if not cfg.schedule.allow_truncated:
         raise ValueError(message)
-    print(f"warning: {message.split('; shorten')[0]}; running it cut short (schedule.allow_truncated=true)",
-          file=sys.stderr, flush=True)
+    print(
+        f"warning: {message.split('; shorten')[0]}; running it cut short (schedule.allow_truncated=true)",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -247,13 +258,21 @@ def unknown_key_message(key: str, value, accepted: list[str], given: str | None 
     close = difflib.get_close_matches(leaf, accepted, n=1, cutoff=0.6)
     hint = f" (did you mean {parent + '.' if parent else ''}{close[0]}?)" if close else ""
     where = parent or "the top level"
-    return (f"{given or key}: {value} is not accepted: {where} has no key {leaf!r}{hint}; "
-            f"accepted: {', '.join(accepted)}")
+    return (
+        f"{given or key}: {value} is not accepted: {where} has no key {leaf!r}{hint}; accepted: {', '.join(accepted)}"
+    )
 
 
-_TYPE_WORDS = {"int": "an int", "float": "a number", "bool": "true or false", "str": "a string",
-               "Optional[int]": "an int or null", "Optional[float]": "a number or null",
-               "List[int]": "a list of ints", "Any": "any value"}
+_TYPE_WORDS = {
+    "int": "an int",
+    "float": "a number",
+    "bool": "true or false",
+    "str": "a string",
+    "Optional[int]": "an int or null",
+    "Optional[float]": "a number or null",
+    "List[int]": "a list of ints",
+    "Any": "any value",
+}
 
 
 def _expected_type(kind, leaf: str) -> str:
@@ -276,8 +295,7 @@ def composition_error(e: BaseException, overrides) -> str:
         missing = e.missing_cfg_file or ""
         group, _, option = missing.rpartition("/")
         if group and e.options:
-            return (f"{group}: {option!r} is not an option of conf/{group}/; "
-                    f"accepted: {', '.join(sorted(e.options))}")
+            return f"{group}: {option!r} is not an option of conf/{group}/; accepted: {', '.join(sorted(e.options))}"
         return _one_line(e)
     if isinstance(e, OverrideParseException):
         bad = _bad_override(overrides)
@@ -347,8 +365,9 @@ def check_schema(cfg: DictConfig) -> None:
         for k in node.keys():
             if k not in accepted and not (prefix == "" and k == "hydra"):
                 key = f"{prefix}.{k}" if prefix else str(k)
-                raise ConfigError(unknown_key_message(key, OmegaConf.select(cfg, key, throw_on_missing=False),
-                                                      accepted))
+                raise ConfigError(
+                    unknown_key_message(key, OmegaConf.select(cfg, key, throw_on_missing=False), accepted)
+                )
 
 
 def preflight(argv) -> None:
@@ -360,8 +379,16 @@ def preflight(argv) -> None:
     from hydra._internal.utils import get_args_parser
 
     args, _ = get_args_parser().parse_known_args(list(argv))
-    if args.help or args.hydra_help or args.info or args.shell_completion or args.config_path \
-            or args.config_name or args.config_dir or args.experimental_rerun:
+    if (
+        args.help
+        or args.hydra_help
+        or args.info
+        or args.shell_completion
+        or args.config_path
+        or args.config_name
+        or args.config_dir
+        or args.experimental_rerun
+    ):
         return
     try:
         cfg, _ = compose_config(_one_job(args.overrides) if args.multirun else args.overrides)
@@ -452,10 +479,18 @@ def validate_config(cfg: DictConfig) -> None:
     missing = [f"{part}.{k}" for part in ("data", "trainer") for k in cfg[part] if OmegaConf.is_missing(cfg[part], k)]
     if missing:
         hint = " (the folder or archive with train/<class>/*, test/<class>/*)" if missing[0] == "data.path" else ""
-        raise ValueError(f"{missing[0]}: ??? (no value) is not accepted; this option needs one: "
-                         f"pass {missing[0]}=...{hint}")
-    for key in ("trainer.epochs", "trainer.batch_size", "trainer.eval_batch_size", "trainer.eval_every",
-                "trainer.log_every", "trainer.checkpoint_every", "trainer.keep_checkpoints"):
+        raise ValueError(
+            f"{missing[0]}: ??? (no value) is not accepted; this option needs one: pass {missing[0]}=...{hint}"
+        )
+    for key in (
+        "trainer.epochs",
+        "trainer.batch_size",
+        "trainer.eval_batch_size",
+        "trainer.eval_every",
+        "trainer.log_every",
+        "trainer.checkpoint_every",
+        "trainer.keep_checkpoints",
+    ):
         _int_at_least(cfg, key, 1)
     _int_at_least(cfg, "trainer.seed", 0)
     _int_at_least(cfg, "trainer.limit_train_batches", 1, optional=True)
@@ -481,12 +516,16 @@ def validate_config(cfg: DictConfig) -> None:
                 f"(is {cfg.trainer.eval_every!r})"
             )
     if cfg.schedule.warmup is not None and "schedule.warmup" not in str(scheduler):
-        raise ValueError(f"schedule.warmup: {cfg.schedule.warmup} is not accepted: this scheduler option "
-                         f"does not read it (only options whose YAML uses ${{schedule.warmup}} do)")
+        raise ValueError(
+            f"schedule.warmup: {cfg.schedule.warmup} is not accepted: this scheduler option "
+            f"does not read it (only options whose YAML uses ${{schedule.warmup}} do)"
+        )
     resume = cfg.resume
     if resume not in ("auto", "never"):
         if not isinstance(resume, str) or not Path(resume).expanduser().is_file():
-            raise ValueError(f"resume: {resume!r} is not accepted; expected auto, never or the path of a checkpoint file")
+            raise ValueError(
+                f"resume: {resume!r} is not accepted; expected auto, never or the path of a checkpoint file"
+            )
 
 
 def pick_device(cfg: DictConfig):
@@ -593,5 +632,8 @@ def check_resume_config(ckpt: dict, cfg: DictConfig, path) -> None:
     if structural or safe:
         print(f"resume: config changed since {path}: {', '.join(structural + safe)}", flush=True)
     if any(k.startswith("trainer.epochs") for k in safe):
-        print("resume: the schedule continues as saved (its lengths are in the checkpoint); "
-              "its last phase runs on for the extra epochs", flush=True)
+        print(
+            "resume: the schedule continues as saved (its lengths are in the checkpoint); "
+            "its last phase runs on for the extra epochs",
+            flush=True,
+        )

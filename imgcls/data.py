@@ -90,8 +90,9 @@ class Dataset:
 def resolve_path(value: str | os.PathLike, key: str = "data.root") -> Path:
     """Absolute path for a config value: ``~`` expanded, relative -> against PROJECT_ROOT."""
     if value is None or str(value) == "":
-        raise ValueError(f"{key}: {value!r} is empty; give a folder path (absolute, or relative "
-                         f"to the project root {PROJECT_ROOT})")
+        raise ValueError(
+            f"{key}: {value!r} is empty; give a folder path (absolute, or relative to the project root {PROJECT_ROOT})"
+        )
     p = Path(os.path.expanduser(str(value)))
     if not p.is_absolute():
         p = PROJECT_ROOT / p
@@ -105,13 +106,14 @@ def normalize_stats(images: torch.Tensor, chunk: int = 2048) -> tuple[tuple[floa
     std (ddof=0) over all pixels of all images.
     """
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[0] == 0:
-        raise ValueError(f"images: expected a non-empty uint8 [N, C, H, W] tensor, got "
-                         f"{images.dtype} {tuple(images.shape)}")
+        raise ValueError(
+            f"images: expected a non-empty uint8 [N, C, H, W] tensor, got {images.dtype} {tuple(images.shape)}"
+        )
     c = images.shape[1]
     s = torch.zeros(c, dtype=torch.int64)
     ss = torch.zeros(c, dtype=torch.int64)
     for i in range(0, images.shape[0], chunk):
-        x = images[i:i + chunk].to(torch.int64)
+        x = images[i : i + chunk].to(torch.int64)
         s += x.sum(dim=(0, 2, 3))
         ss += (x * x).sum(dim=(0, 2, 3))
     n = images.numel() // c
@@ -200,13 +202,17 @@ def _safe_members(tf: tarfile.TarFile, archive: Path) -> list[tarfile.TarInfo]:
     for m in tf.getmembers():
         parts = Path(m.name).parts
         if m.name.startswith(("/", "\\")) or Path(m.name).is_absolute() or ".." in parts:
-            raise ValueError(f"{archive}: member {m.name!r} has an absolute path or '..'; "
-                             f"refusing to extract this archive (only relative paths inside "
-                             f"the archive are accepted)")
+            raise ValueError(
+                f"{archive}: member {m.name!r} has an absolute path or '..'; "
+                f"refusing to extract this archive (only relative paths inside "
+                f"the archive are accepted)"
+            )
         if m.issym() or m.islnk() or not (m.isfile() or m.isdir()):
-            raise ValueError(f"{archive}: member {m.name!r} is a link or special file; "
-                             f"refusing to extract this archive (only files and folders are "
-                             f"accepted)")
+            raise ValueError(
+                f"{archive}: member {m.name!r} is a link or special file; "
+                f"refusing to extract this archive (only files and folders are "
+                f"accepted)"
+            )
         out.append(m)
     return out
 
@@ -228,8 +234,7 @@ def _extract_atomic(archive: Path, dest: Path, subfolder: str | None = None) -> 
                 kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
                 tf.extractall(tmp, members=members, **kw)
         except (tarfile.TarError, EOFError, OSError) as e:
-            raise ValueError(f"{archive}: cannot be read as a tar archive ({e}); delete or "
-                             f"replace it") from e
+            raise ValueError(f"{archive}: cannot be read as a tar archive ({e}); delete or replace it") from e
         src = tmp / subfolder if subfolder else tmp
         if not src.is_dir():
             raise ValueError(f"{archive}: holds no folder {subfolder!r}; is it the right archive?")
@@ -249,16 +254,17 @@ def _extract_atomic(archive: Path, dest: Path, subfolder: str | None = None) -> 
 
 
 def _not_found_message(name: str, root: Path, archive: Path, folder: Path, cause: str = "") -> str:
-    lines = [f"data.name={name}: the official archive was not found{cause}.",
-             f"  expected: {archive}",
-             f"        or: its extracted folder {folder}",
-             "Do one of:",
-             f"  data.download=true                      download it into data.root={root}",
-             f"  data.root=/path/with/the/archive        a folder that holds {archive.name}",
-             "  data=image_folder data.path=/path/to/tree_or_archive",
-             "                                          train/<class>/* and test/<class>/* "
-             "images (a folder or .tar.gz)",
-             "  experiment=smoke                        an offline smoke run on synthetic data"]
+    lines = [
+        f"data.name={name}: the official archive was not found{cause}.",
+        f"  expected: {archive}",
+        f"        or: its extracted folder {folder}",
+        "Do one of:",
+        f"  data.download=true                      download it into data.root={root}",
+        f"  data.root=/path/with/the/archive        a folder that holds {archive.name}",
+        "  data=image_folder data.path=/path/to/tree_or_archive",
+        "                                          train/<class>/* and test/<class>/* images (a folder or .tar.gz)",
+        "  experiment=smoke                        an offline smoke run on synthetic data",
+    ]
     return "\n".join(lines)
 
 
@@ -279,8 +285,9 @@ def _read_official(folder: Path, files: list[str], label_key: str) -> tuple[torc
         data = np.asarray(d["data"], dtype=np.uint8)
         labels = np.asarray(d[label_key], dtype=np.int64)
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != labels.shape[0]:
-            raise ValueError(f"{p}: expected data [N, 3072] and N labels, got data "
-                             f"{data.shape} and {labels.shape[0]} labels")
+            raise ValueError(
+                f"{p}: expected data [N, 3072] and N labels, got data {data.shape} and {labels.shape[0]} labels"
+            )
         xs.append(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()))
         ys.append(torch.from_numpy(labels.copy()))
     return torch.cat(xs).contiguous(), torch.cat(ys)
@@ -298,17 +305,20 @@ def _load_official(name: str, root: Path, download: bool) -> Dataset:
     if not folder.is_dir():
         if archive.is_file():
             if not check_integrity(str(archive), cls.tgz_md5):
-                raise ValueError(f"{archive}: the md5 checksum does not match the official "
-                                 f"{cls.filename} (expected {cls.tgz_md5}); the file is corrupt "
-                                 f"or not the official archive. Delete it and download again "
-                                 f"(data.download=true), or point data.root elsewhere.")
+                raise ValueError(
+                    f"{archive}: the md5 checksum does not match the official "
+                    f"{cls.filename} (expected {cls.tgz_md5}); the file is corrupt "
+                    f"or not the official archive. Delete it and download again "
+                    f"(data.download=true), or point data.root elsewhere."
+                )
             _extract_atomic(archive, folder, subfolder=cls.base_folder)
         elif download:
             root.mkdir(parents=True, exist_ok=True)
             tmp = root / f".{cls.base_folder}.download-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             try:
-                download_and_extract_archive(cls.url, download_root=str(root), extract_root=str(tmp),
-                                             filename=cls.filename, md5=cls.tgz_md5)
+                download_and_extract_archive(
+                    cls.url, download_root=str(root), extract_root=str(tmp), filename=cls.filename, md5=cls.tgz_md5
+                )
                 try:
                     os.rename(tmp / cls.base_folder, folder)
                 except OSError:
@@ -318,9 +328,15 @@ def _load_official(name: str, root: Path, download: bool) -> Dataset:
                 # our own partial or corrupt download: never leave it to be mistaken for the archive
                 if archive.is_file() and not check_integrity(str(archive), cls.tgz_md5):
                     archive.unlink()
-                raise DataNotFoundError(_not_found_message(
-                    name, root, archive, folder,
-                    cause=f" and downloading {cls.url} failed ({type(e).__name__}: {e})")) from e
+                raise DataNotFoundError(
+                    _not_found_message(
+                        name,
+                        root,
+                        archive,
+                        folder,
+                        cause=f" and downloading {cls.url} failed ({type(e).__name__}: {e})",
+                    )
+                ) from e
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         else:
@@ -328,16 +344,17 @@ def _load_official(name: str, root: Path, download: bool) -> Dataset:
 
     missing = [f for f in needed if not (folder / f).is_file()]
     if missing:
-        raise ValueError(f"{folder}: incomplete, {missing[0]!r} is missing (expected "
-                         f"{needed}); delete the folder so it is extracted again from {archive}")
+        raise ValueError(
+            f"{folder}: incomplete, {missing[0]!r} is missing (expected "
+            f"{needed}); delete the folder so it is extracted again from {archive}"
+        )
 
     def build() -> dict:
         log.info("parsing %s", folder)
         xtr, ytr = _read_official(folder, train_files, label_key)
         xte, yte = _read_official(folder, test_files, label_key)
         classes = [str(c) for c in _unpickle(folder / meta_file)[names_key]]
-        return {"train_images": xtr, "train_labels": ytr, "test_images": xte,
-                "test_labels": yte, "classes": classes}
+        return {"train_images": xtr, "train_labels": ytr, "test_images": xte, "test_labels": yte, "classes": classes}
 
     return _cached(name, root, folder, [folder / f for f in needed], build)
 
@@ -361,8 +378,10 @@ def _find_tree(base: Path) -> Path:
     subs = [d for d in base.iterdir() if d.is_dir() and not d.name.startswith(".")]
     if len(subs) == 1 and (subs[0] / "train").is_dir() and (subs[0] / "test").is_dir():
         return subs[0]
-    raise ValueError(f"data.path: {base} holds no train/ and test/ folders (expected "
-                     f"train/<class>/* and test/<class>/*, possibly under one top folder)")
+    raise ValueError(
+        f"data.path: {base} holds no train/ and test/ folders (expected "
+        f"train/<class>/* and test/<class>/*, possibly under one top folder)"
+    )
 
 
 def _list_split(split_dir: Path) -> tuple[list[str], list[list[Path]]]:
@@ -374,8 +393,10 @@ def _list_split(split_dir: Path) -> tuple[list[str], list[list[Path]]]:
     for c in classes:
         fs = sorted(f for f in (split_dir / c).iterdir() if f.is_file() and not f.name.startswith("."))
         if not fs:
-            raise ValueError(f"{split_dir / c}: empty class folder; every class folder needs at "
-                             f"least one image (delete it or add images)")
+            raise ValueError(
+                f"{split_dir / c}: empty class folder; every class folder needs at "
+                f"least one image (delete it or add images)"
+            )
         files.append(fs)
     return classes, files
 
@@ -386,8 +407,10 @@ def _decode(path: Path) -> np.ndarray:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"), dtype=np.uint8)
     except Exception as e:
-        raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e}); image_folder "
-                         f"accepts only image files that PIL can open") from e
+        raise ValueError(
+            f"{path}: not a readable image ({type(e).__name__}: {e}); image_folder "
+            f"accepts only image files that PIL can open"
+        ) from e
 
 
 def _decode_all(files: list[Path], expected: tuple[int, int] | None, workers: int) -> torch.Tensor:
@@ -399,9 +422,11 @@ def _decode_all(files: list[Path], expected: tuple[int, int] | None, workers: in
     def one(i: int) -> None:
         a = first if i == 0 else _decode(files[i])
         if (a.shape[1], a.shape[0]) != exp:
-            raise ValueError(f"{files[i]}: image size {a.shape[1]}x{a.shape[0]} (WxH) differs from "
-                             f"the expected {exp[0]}x{exp[1]} (the first image's, {files[0]}); "
-                             f"image_folder needs all images to have one size")
+            raise ValueError(
+                f"{files[i]}: image size {a.shape[1]}x{a.shape[0]} (WxH) differs from "
+                f"the expected {exp[0]}x{exp[1]} (the first image's, {files[0]}); "
+                f"image_folder needs all images to have one size"
+            )
         out[i] = a
 
     def chunk(lo: int, hi: int) -> None:
@@ -421,17 +446,22 @@ def _decode_all(files: list[Path], expected: tuple[int, int] | None, workers: in
 
 def _load_image_folder(root: Path, path: str | None) -> Dataset:
     if path is None or str(path) == "":
-        raise ValueError("data.path: None; data.name=image_folder needs data.path, a folder with "
-                         "train/<class>/* and test/<class>/* or a .tar.gz/.tgz/.tar archive of one")
+        raise ValueError(
+            "data.path: None; data.name=image_folder needs data.path, a folder with "
+            "train/<class>/* and test/<class>/* or a .tar.gz/.tgz/.tar archive of one"
+        )
     src = resolve_path(path, "data.path")
     if not src.exists():
-        raise ValueError(f"data.path: {src} does not exist; give a folder with train/<class>/* "
-                         f"and test/<class>/* or a .tar.gz/.tgz/.tar archive of one")
+        raise ValueError(
+            f"data.path: {src} does not exist; give a folder with train/<class>/* "
+            f"and test/<class>/* or a .tar.gz/.tgz/.tar archive of one"
+        )
     if src.is_file():
         stem = _archive_stem(src)
         if stem is None:
-            raise ValueError(f"data.path: {src} is a file but not a .tar.gz/.tgz/.tar archive; "
-                             f"give a folder or such an archive")
+            raise ValueError(
+                f"data.path: {src} is a file but not a .tar.gz/.tgz/.tar archive; give a folder or such an archive"
+            )
         dest = root / stem
         if dest.is_dir():
             log.info("using %s, extracted earlier from %s", dest, src)
@@ -445,8 +475,10 @@ def _load_image_folder(root: Path, path: str | None) -> Dataset:
     classes, train_files = _list_split(tree / "train")
     test_classes, test_files = _list_split(tree / "test")
     if test_classes != classes:
-        raise ValueError(f"{tree / 'test'}: class folders {test_classes} differ from "
-                         f"{tree / 'train'}'s {classes}; test must have the same class names")
+        raise ValueError(
+            f"{tree / 'test'}: class folders {test_classes} differ from "
+            f"{tree / 'train'}'s {classes}; test must have the same class names"
+        )
 
     flat_train = [f for fs in train_files for f in fs]
     flat_test = [f for fs in test_files for f in fs]
@@ -456,12 +488,21 @@ def _load_image_folder(root: Path, path: str | None) -> Dataset:
 
     def build() -> dict:
         workers = max(1, min(8, os.cpu_count() or 1))
-        log.info("decoding %d images under %s (%d threads; cached afterwards)",
-                 len(flat_train) + len(flat_test), tree, workers)
+        log.info(
+            "decoding %d images under %s (%d threads; cached afterwards)",
+            len(flat_train) + len(flat_test),
+            tree,
+            workers,
+        )
         xtr = _decode_all(flat_train, None, workers)
         xte = _decode_all(flat_test, (xtr.shape[3], xtr.shape[2]), workers)
-        return {"train_images": xtr, "train_labels": labels(train_files), "test_images": xte,
-                "test_labels": labels(test_files), "classes": classes}
+        return {
+            "train_images": xtr,
+            "train_labels": labels(train_files),
+            "test_images": xte,
+            "test_labels": labels(test_files),
+            "classes": classes,
+        }
 
     return _cached("image_folder", root, tree, flat_train + flat_test, build)
 
@@ -492,8 +533,9 @@ def _synthetic(n_train: int, n_test: int, num_classes: int, seed: int) -> Datase
     xtr, ytr = split(n_train)
     xte, yte = split(n_test)
     mean, std = normalize_stats(xtr)
-    return Dataset(xtr, ytr, xte, yte, [f"class{i}" for i in range(num_classes)], mean, std,
-                   name="synthetic", source="")
+    return Dataset(
+        xtr, ytr, xte, yte, [f"class{i}" for i in range(num_classes)], mean, std, name="synthetic", source=""
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -505,9 +547,15 @@ def _is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
-def load_dataset(name: str, root: str, download: bool = False, path: str | None = None,
-                 synthetic_size: tuple[int, int] = (512, 256), num_classes: int = 10,
-                 seed: int = 0) -> Dataset:
+def load_dataset(
+    name: str,
+    root: str,
+    download: bool = False,
+    path: str | None = None,
+    synthetic_size: tuple[int, int] = (512, 256),
+    num_classes: int = 10,
+    seed: int = 0,
+) -> Dataset:
     """Load a dataset whole, as uint8 tensors (see ``Dataset``).
 
     name: ``cifar10`` | ``cifar100`` (official python archives under ``root``) |
@@ -529,8 +577,9 @@ def load_dataset(name: str, root: str, download: bool = False, path: str | None 
         except TypeError:
             sizes = ()
         if len(sizes) != 2 or not all(_is_int(v) and v > 0 for v in sizes):
-            raise ValueError(f"data.synthetic_size: {synthetic_size!r}; expected [n_train, n_test], "
-                             f"two positive integers")
+            raise ValueError(
+                f"data.synthetic_size: {synthetic_size!r}; expected [n_train, n_test], two positive integers"
+            )
         if not _is_int(num_classes) or num_classes < 2:
             raise ValueError(f"data.num_classes: {num_classes!r}; expected an integer >= 2")
         if not _is_int(seed):
@@ -554,8 +603,10 @@ def describe(ds: Dataset) -> str:
     c, h, w = ds.train_images.shape[1:]
     names = ", ".join(ds.classes[:10]) + (", ..." if len(ds.classes) > 10 else "")
     src = f" from {ds.source}" if ds.source else ""
-    return (f"{ds.name or 'dataset'}: {ds.train_images.shape[0]} train / {ds.test_images.shape[0]} "
-            f"test images, {c}x{h}x{w} uint8, {len(ds.classes)} classes ({names}){src}")
+    return (
+        f"{ds.name or 'dataset'}: {ds.train_images.shape[0]} train / {ds.test_images.shape[0]} "
+        f"test images, {c}x{h}x{w} uint8, {len(ds.classes)} classes ({names}){src}"
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -595,27 +646,50 @@ class DeviceLoader:
     y: int64 ``[B]``. Both on ``device``.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-                 device: torch.device | str, mean: Sequence[float], std: Sequence[float],
-                 train: bool, seed: int = 0, crop_padding: int = 4, flip: bool = True,
-                 drop_last: bool = True, channels_last: bool = False,
-                 dtype: torch.dtype = torch.float32, alternating_flip: bool = False,
-                 rank: int = 0, world: int = 1):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        device: torch.device | str,
+        mean: Sequence[float],
+        std: Sequence[float],
+        train: bool,
+        seed: int = 0,
+        crop_padding: int = 4,
+        flip: bool = True,
+        drop_last: bool = True,
+        channels_last: bool = False,
+        dtype: torch.dtype = torch.float32,
+        alternating_flip: bool = False,
+        rank: int = 0,
+        world: int = 1,
+    ):
         if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(f"images: expected a uint8 [N, C, H, W] tensor, got "
-                             f"{getattr(images, 'dtype', type(images))} {tuple(getattr(images, 'shape', ()))}")
+            raise ValueError(
+                f"images: expected a uint8 [N, C, H, W] tensor, got "
+                f"{getattr(images, 'dtype', type(images))} {tuple(getattr(images, 'shape', ()))}"
+            )
         n, c, h, w = images.shape
-        if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != n \
-                or labels.dtype != torch.int64:
-            raise ValueError(f"labels: expected an int64 [{n}] tensor, got "
-                             f"{getattr(labels, 'dtype', type(labels))} {tuple(getattr(labels, 'shape', ()))}")
+        if (
+            not isinstance(labels, torch.Tensor)
+            or labels.dim() != 1
+            or labels.shape[0] != n
+            or labels.dtype != torch.int64
+        ):
+            raise ValueError(
+                f"labels: expected an int64 [{n}] tensor, got "
+                f"{getattr(labels, 'dtype', type(labels))} {tuple(getattr(labels, 'shape', ()))}"
+            )
         if n == 0:
             raise ValueError("images: empty split (0 images); expected at least one image")
         if not _is_int(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size: {batch_size!r}; expected a positive integer")
         if not _is_int(crop_padding) or not 0 <= crop_padding < min(h, w):
-            raise ValueError(f"crop_padding: {crop_padding!r} px; expected an integer in "
-                             f"[0, {min(h, w) - 1}] (reflect padding needs it below the image size)")
+            raise ValueError(
+                f"crop_padding: {crop_padding!r} px; expected an integer in "
+                f"[0, {min(h, w) - 1}] (reflect padding needs it below the image size)"
+            )
         mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
         if len(mean) != c or len(std) != c or not all(s > 0 for s in std):
             raise ValueError(f"mean/std: {mean} / {std}; expected {c} values each, std > 0")
@@ -646,8 +720,10 @@ class DeviceLoader:
         self._ar_h = torch.arange(h, device=self.device)
         self._ar_w = torch.arange(w, device=self.device)
         if self.train and self.drop_last and n < self.batch_size:
-            raise ValueError(f"batch_size: {batch_size} exceeds the {n} training images; with "
-                             f"drop_last=True an epoch would have no batches (lower batch_size)")
+            raise ValueError(
+                f"batch_size: {batch_size} exceeds the {n} training images; with "
+                f"drop_last=True an epoch would have no batches (lower batch_size)"
+            )
 
     def __len__(self) -> int:
         """Batches per epoch."""
@@ -701,7 +777,7 @@ class DeviceLoader:
         plan = {k: v.to(self.device, non_blocking=True) for k, v in self.epoch_plan(epoch).items()}
         perm = plan["perm"]
         for b in range(start, nb):
-            idx = perm[b * bs: min((b + 1) * bs, self.n)][self.rank::self.world]  # this rank's share
+            idx = perm[b * bs : min((b + 1) * bs, self.n)][self.rank :: self.world]  # this rank's share
             yield self._augment(idx, plan), self.labels[idx]
 
     def _augment(self, idx: torch.Tensor, plan: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -710,8 +786,7 @@ class DeviceLoader:
         bsz, c, h, w = x.shape
         # out[i, j] = img[reflect(i + dy), reflect(j' + dx)], j' = W-1-j when flipped else j
         rows = _reflect(self._ar_h.view(1, h) + plan["dy"][idx].view(-1, 1), h)
-        cols = torch.where(plan["flip"][idx].view(-1, 1), (w - 1) - self._ar_w.view(1, w),
-                           self._ar_w.view(1, w))
+        cols = torch.where(plan["flip"][idx].view(-1, 1), (w - 1) - self._ar_w.view(1, w), self._ar_w.view(1, w))
         cols = _reflect(cols + plan["dx"][idx].view(-1, 1), w)
         x = x.gather(2, rows.view(bsz, 1, h, 1).expand(bsz, c, h, w))
         x = x.gather(3, cols.view(bsz, 1, 1, w).expand(bsz, c, h, w))

@@ -16,8 +16,15 @@ class CSVLogger:
     has no such value (training rows have no accuracy, evaluation rows no lr)."""
 
     def __init__(self, run_dir: str | Path, num_groups: int, filename: str = "metrics.csv"):
-        self.columns = ["step", "epoch", *[f"lr_{i}" for i in range(num_groups)],
-                        "train_loss", "images_per_second", "test_loss", "test_acc"]
+        self.columns = [
+            "step",
+            "epoch",
+            *[f"lr_{i}" for i in range(num_groups)],
+            "train_loss",
+            "images_per_second",
+            "test_loss",
+            "test_acc",
+        ]
         path = Path(run_dir) / filename
         new = not path.exists()
         self.file = open(path, "a", newline="")
@@ -40,8 +47,12 @@ class TensorBoardLogger:
     ``loss/train``, ``loss/test``, ``accuracy/test``, ``throughput/images_per_second``,
     against the optimizer step. Needs the ``tensorboard`` package (the ``tensorboard`` extra)."""
 
-    TAGS = {"train_loss": "loss/train", "test_loss": "loss/test", "test_acc": "accuracy/test",
-            "images_per_second": "throughput/images_per_second"}
+    TAGS = {
+        "train_loss": "loss/train",
+        "test_loss": "loss/test",
+        "test_acc": "accuracy/test",
+        "images_per_second": "throughput/images_per_second",
+    }
 
     def __init__(self, run_dir: str | Path, num_groups: int, subdir: str = "tensorboard"):
         try:

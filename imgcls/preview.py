@@ -43,10 +43,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from imgcls.config import SchedulerStepper, _one_line, check_schedule_fits, config_errors
 
 TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000}  # official training-set sizes
-TABLE_ROWS = 10          # evenly spaced table rows (plus the first, the milestones and the end)
-PLATEAU_AT = 0.3         # the synthetic test loss stops improving at this fraction of the run
-EXIT_BAD_INPUT = 2       # as train.py: a config value was refused
-EXIT_NO_MATPLOTLIB = 1   # the PNG was asked for but matplotlib is not installed
+TABLE_ROWS = 10  # evenly spaced table rows (plus the first, the milestones and the end)
+PLATEAU_AT = 0.3  # the synthetic test loss stops improving at this fraction of the run
+EXIT_BAD_INPUT = 2  # as train.py: a config value was refused
+EXIT_NO_MATPLOTLIB = 1  # the PNG was asked for but matplotlib is not installed
 
 
 class PreviewError(ValueError):
@@ -86,8 +86,9 @@ def steps_per_epoch(cfg: DictConfig, given: int | None = None) -> tuple[int, str
     else:
         n, what = train_set_size(cfg)
         if t.batch_size > n:
-            raise PreviewError(f"trainer.batch_size: {t.batch_size} is larger than the {n} training "
-                               f"images; use at most {n}")
+            raise PreviewError(
+                f"trainer.batch_size: {t.batch_size} is larger than the {n} training images; use at most {n}"
+            )
         batches = n // t.batch_size
         source = f"{what} // batch {t.batch_size}"
     limit = t.limit_train_batches
@@ -110,8 +111,7 @@ def train_set_size(cfg: DictConfig) -> tuple[int, str]:
         except (TypeError, IndexError, KeyError):
             n = None
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise PreviewError(f"data.synthetic_size: {size!r}; expected [n_train, n_test], two "
-                               f"positive integers")
+            raise PreviewError(f"data.synthetic_size: {size!r}; expected [n_train, n_test], two positive integers")
         return n, f"synthetic: {n} train images"
     if name == "image_folder":
         return _image_folder_size(d)
@@ -122,8 +122,7 @@ def _image_folder_size(d: DictConfig) -> tuple[int, str]:
     hint = "or pass --steps-per-epoch N (N = training images // trainer.batch_size)"
     if OmegaConf.is_missing(d, "path") or d.path in (None, ""):
         value = "???" if OmegaConf.is_missing(d, "path") else repr(d.path)
-        raise PreviewError(f"data.path: {value}; "
-                           f"data=image_folder needs data.path=FOLDER to count its images, {hint}")
+        raise PreviewError(f"data.path: {value}; data=image_folder needs data.path=FOLDER to count its images, {hint}")
     from imgcls.data import _find_tree, _list_split, resolve_path  # the loader's own listing
 
     src = resolve_path(d.path, "data.path")
@@ -141,13 +140,13 @@ def _image_folder_size(d: DictConfig) -> tuple[int, str]:
 # --------------------------------------------------------------------------------------
 @dataclass
 class Schedule:
-    option: str                       # the scheduler option (conf/scheduler/<option>.yaml)
+    option: str  # the scheduler option (conf/scheduler/<option>.yaml)
     epochs: int
     steps_per_epoch: int
-    source: str                       # where steps_per_epoch came from
-    interval: str                     # "step" or "epoch"
-    lrs: list[list[float]]            # [step][param group], steps 0 .. total (total: after the run)
-    milestones: list[int] = field(default_factory=list)         # top-level phase starts, in steps
+    source: str  # where steps_per_epoch came from
+    interval: str  # "step" or "epoch"
+    lrs: list[list[float]]  # [step][param group], steps 0 .. total (total: after the run)
+    milestones: list[int] = field(default_factory=list)  # top-level phase starts, in steps
     nested_milestones: list[int] = field(default_factory=list)  # phase starts of nested phases
     plateau_epoch: int | None = None  # the synthetic loss stops improving here (ReduceLROnPlateau)
     experiment: str | None = None
@@ -189,7 +188,7 @@ def simulate(cfg: DictConfig) -> tuple[list[list[float]], object, int | None]:
     with config_errors("scheduler"):
         for epoch in range(epochs):
             for i in range(spe):
-                optimizer.step()       # no gradients: nothing changes, but torch sees the order
+                optimizer.step()  # no gradients: nothing changes, but torch sees the order
                 stepper.after_step()
                 if i + 1 < spe:
                     lrs.append(stepper.lrs())
@@ -263,15 +262,19 @@ def preview(overrides: list[str], steps_per_epoch_arg: int | None = None) -> Sch
 # --------------------------------------------------------------------------------------
 def describe(s: Schedule) -> str:
     exp = f" (experiment={s.experiment})" if s.experiment else ""
-    return (f"scheduler={s.option}{exp}: {s.epochs} epochs x {s.steps_per_epoch} steps/epoch "
-            f"({s.source}) = {s.total} optimizer steps; stepped per {s.interval}")
+    return (
+        f"scheduler={s.option}{exp}: {s.epochs} epochs x {s.steps_per_epoch} steps/epoch "
+        f"({s.source}) = {s.total} optimizer steps; stepped per {s.interval}"
+    )
 
 
 def plateau_note(s: Schedule) -> str | None:
     if s.plateau_epoch is None:
         return None
-    return (f"ReduceLROnPlateau is fed a synthetic test loss that stops improving after epoch "
-            f"{s.plateau_epoch}: a real run's lr depends on the measured test loss")
+    return (
+        f"ReduceLROnPlateau is fed a synthetic test loss that stops improving after epoch "
+        f"{s.plateau_epoch}: a real run's lr depends on the measured test loss"
+    )
 
 
 def table_steps(s: Schedule, every: int | None = None) -> list[int]:
@@ -289,9 +292,15 @@ def format_table(s: Schedule, every: int | None = None) -> str:
     heads = ["lr"] if groups == 1 else [f"lr[{g}]" for g in range(groups)]
     lines = [f"{'step':>7}  {'epoch':>7}  " + "  ".join(f"{h:>12}" for h in heads)]
     for step in table_steps(s, every):
-        note = ("end of run (the lr after the last step)" if step == s.total
-                else "milestone" if step in s.milestones
-                else "milestone (nested)" if step in s.nested_milestones else "")
+        note = (
+            "end of run (the lr after the last step)"
+            if step == s.total
+            else "milestone"
+            if step in s.milestones
+            else "milestone (nested)"
+            if step in s.nested_milestones
+            else ""
+        )
         lrs = "  ".join(f"{lr:>12.6g}" for lr in s.lrs[step])
         lines.append(f"{step:>7}  {step / s.steps_per_epoch:>7.2f}  {lrs}  {note}".rstrip())
     return "\n".join(lines)
@@ -309,8 +318,13 @@ def plot(s: Schedule, out: Path) -> None:
     steps = range(s.total + 1)
     groups = len(s.lrs[0])
     for g in range(groups):
-        ax.plot(steps, [row[g] for row in s.lrs], drawstyle="steps-post", lw=1.6,
-                label=f"param group {g}" if groups > 1 else "lr")
+        ax.plot(
+            steps,
+            [row[g] for row in s.lrs],
+            drawstyle="steps-post",
+            lw=1.6,
+            label=f"param group {g}" if groups > 1 else "lr",
+        )
     for i, m in enumerate(s.milestones):
         ax.axvline(m, ls=":", lw=1.2, color="0.25", label="milestone" if i == 0 else None)
     for i, m in enumerate(s.nested_milestones):
@@ -329,11 +343,15 @@ def plot(s: Schedule, out: Path) -> None:
     if s.milestones or s.nested_milestones or groups > 1:
         ax.legend(fontsize=8, loc="upper right")
     exp = f", experiment={s.experiment}" if s.experiment else ""
-    title = (f"scheduler={s.option}{exp}: {s.epochs} epochs x {spe} steps/epoch, "
-             f"peak lr {s.peak:.4g}, stepped per {s.interval}")
+    title = (
+        f"scheduler={s.option}{exp}: {s.epochs} epochs x {spe} steps/epoch, "
+        f"peak lr {s.peak:.4g}, stepped per {s.interval}"
+    )
     if s.plateau_epoch is not None:
-        title += (f"\nReduceLROnPlateau fed a SYNTHETIC test loss, flat after epoch {s.plateau_epoch}:"
-                  f"\na real run's lr depends on its measured test loss")
+        title += (
+            f"\nReduceLROnPlateau fed a SYNTHETIC test loss, flat after epoch {s.plateau_epoch}:"
+            f"\na real run's lr depends on its measured test loss"
+        )
     ax.set_title(title, fontsize=9)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, format="png", metadata={"Software": None})
@@ -362,19 +380,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = _Parser(
         prog="python -m imgcls.preview",
         description="Draw the learning rate per step of the configured schedule (no training, no data "
-                    "loading). Takes the same Hydra overrides as train.py.",
+        "loading). Takes the same Hydra overrides as train.py.",
         epilog="example: python -m imgcls.preview scheduler=warmup_cosine trainer.epochs=30 optimizer.lr=0.1",
     )
     p.add_argument("overrides", nargs="*", metavar="OVERRIDE", help="Hydra overrides, as for train.py")
-    p.add_argument("--steps-per-epoch", type=_positive_int, metavar="N",
-                   help="batches per epoch instead of counting them from the data config "
-                        "(trainer.limit_train_batches still caps them)")
-    p.add_argument("--out", type=Path, default=Path("schedule.png"), metavar="PATH.png",
-                   help="where to write the plot (default: schedule.png)")
+    p.add_argument(
+        "--steps-per-epoch",
+        type=_positive_int,
+        metavar="N",
+        help="batches per epoch instead of counting them from the data config "
+        "(trainer.limit_train_batches still caps them)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("schedule.png"),
+        metavar="PATH.png",
+        help="where to write the plot (default: schedule.png)",
+    )
     p.add_argument("--no-plot", action="store_true", help="print the table only (no matplotlib needed)")
-    p.add_argument("--every", type=_positive_int, metavar="K",
-                   help=f"a table row every K steps (default: {TABLE_ROWS} evenly spaced); the first "
-                        f"step, the milestones and the end are always listed")
+    p.add_argument(
+        "--every",
+        type=_positive_int,
+        metavar="K",
+        help=f"a table row every K steps (default: {TABLE_ROWS} evenly spaced); the first "
+        f"step, the milestones and the end are always listed",
+    )
     args = p.parse_intermixed_args(argv)  # overrides may stand between the options
     if not args.no_plot and args.out.suffix.lower() != ".png":
         p.error(f"--out: {str(args.out)!r} is not accepted; expected a path ending in .png")
@@ -384,8 +415,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not args.no_plot and importlib.util.find_spec("matplotlib") is None:
-        print("error: --out needs matplotlib, which is not installed: pip install -e '.[plots]' "
-              "(or pass --no-plot for the table only)", file=sys.stderr, flush=True)
+        print(
+            "error: --out needs matplotlib, which is not installed: pip install -e '.[plots]' "
+            "(or pass --no-plot for the table only)",
+            file=sys.stderr,
+            flush=True,
+        )
         return EXIT_NO_MATPLOTLIB
     try:
         s = preview(args.overrides, args.steps_per_epoch)

@@ -22,45 +22,45 @@ from omegaconf import MISSING
 @dataclass
 class TrainerConfig:
     epochs: int = 16
-    batch_size: int = 512             # images per optimizer step (all ranks together)
+    batch_size: int = 512  # images per optimizer step (all ranks together)
     eval_batch_size: int = 1024
-    device: str = "auto"              # auto | cpu | cuda
-    precision: str = "auto"           # auto | fp32 | bf16
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto | fp32 | bf16
     compile: bool = False
     deterministic: bool = False
     label_smoothing: float = 0.2
     skip_nonfinite: bool = False
     tta_flip: bool = False
-    eval_every: int = 1               # epochs
-    log_every: int = 50               # optimizer steps
-    checkpoint_every: int = 1         # epochs
+    eval_every: int = 1  # epochs
+    log_every: int = 50  # optimizer steps
+    checkpoint_every: int = 1  # epochs
     keep_checkpoints: int = 2
     limit_train_batches: Optional[int] = None
     limit_eval_batches: Optional[int] = None
     seed: int = 0
-    progress: Any = "auto"            # auto | true | false
+    progress: Any = "auto"  # auto | true | false
 
 
 @dataclass
 class ScheduleConfig:
-    interval: str = "step"            # step | epoch: when the scheduler steps
-    steps_per_epoch: int = MISSING    # filled in from the data by train.py (and the preview)
-    warmup: Optional[float] = None    # a warmup fraction, for the options that read ${schedule.warmup}
-    allow_truncated: bool = False     # true: run a schedule whose phases do not fit (a warning)
+    interval: str = "step"  # step | epoch: when the scheduler steps
+    steps_per_epoch: int = MISSING  # filled in from the data by train.py (and the preview)
+    warmup: Optional[float] = None  # a warmup fraction, for the options that read ${schedule.warmup}
+    allow_truncated: bool = False  # true: run a schedule whose phases do not fit (a warning)
 
 
 # ---- data options: each takes only its own keys ---------------------------------------
 @dataclass
 class Augmentation:
-    crop_padding: int = 4             # random-crop translation, in pixels (reflect padding)
-    flip: bool = True                 # random horizontal flip
-    alternating_flip: bool = False    # airbench: each image flipped in one of every two epochs
+    crop_padding: int = 4  # random-crop translation, in pixels (reflect padding)
+    flip: bool = True  # random horizontal flip
+    alternating_flip: bool = False  # airbench: each image flipped in one of every two epochs
 
 
 @dataclass
 class CifarData(Augmentation):
     NAMES: ClassVar[tuple] = ("cifar10", "cifar100")
-    name: str = "cifar10"             # cifar10 | cifar100
+    name: str = "cifar10"  # cifar10 | cifar100
     root: str = "data"
     download: bool = True
     num_classes: int = 10
@@ -71,7 +71,7 @@ class ImageFolderData(Augmentation):
     NAMES: ClassVar[tuple] = ("image_folder",)
     name: str = "image_folder"
     root: str = "data"
-    path: str = MISSING               # the folder (or archive) with train/<class>/*, test/<class>/*
+    path: str = MISSING  # the folder (or archive) with train/<class>/*, test/<class>/*
     num_classes: Optional[int] = None  # taken from the class folders
 
 
@@ -94,7 +94,7 @@ class Config:
     logger: Any = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    resume: str = "auto"              # auto | never | the path of a checkpoint
+    resume: str = "auto"  # auto | never | the path of a checkpoint
     resume_force: bool = False
 
 

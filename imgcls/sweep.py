@@ -52,15 +52,17 @@ def summarize(sweep_dir: Path) -> list[dict]:
         status = json.loads((job / "status.json").read_text())
         results_file = job / "results.json"
         results = json.loads(results_file.read_text()) if results_file.exists() else {}
-        rows.append({
-            "job": job.name,
-            "overrides": " ".join(status["overrides"]),
-            "status": status["status"],
-            "final_test_acc": results.get("final_test_acc"),
-            "best_test_acc": results.get("best_test_acc"),
-            "train_seconds": results.get("train_seconds"),
-            "error": status["error"].splitlines()[0] if status["error"] else "",
-        })
+        rows.append(
+            {
+                "job": job.name,
+                "overrides": " ".join(status["overrides"]),
+                "status": status["status"],
+                "final_test_acc": results.get("final_test_acc"),
+                "best_test_acc": results.get("best_test_acc"),
+                "train_seconds": results.get("train_seconds"),
+                "error": status["error"].splitlines()[0] if status["error"] else "",
+            }
+        )
     return rows
 
 

@@ -87,9 +87,7 @@ def validate_milestones(milestones: Any, num_phases: int) -> list[int]:
     Equal milestones are allowed: the phases between them have length zero and never run.
     """
     if isinstance(milestones, (str, bytes)) or not isinstance(milestones, Sequence):
-        raise ValueError(
-            f"milestones must be a list of ints, got {type(milestones).__name__} {milestones!r}"
-        )
+        raise ValueError(f"milestones must be a list of ints, got {type(milestones).__name__} {milestones!r}")
     if len(milestones) != num_phases - 1:
         raise ValueError(
             f"milestones must have exactly one fewer entry than schedulers: got "
@@ -98,9 +96,7 @@ def validate_milestones(milestones: Any, num_phases: int) -> list[int]:
     out: list[int] = []
     for i, m in enumerate(milestones):
         if isinstance(m, bool) or not isinstance(m, numbers.Integral):
-            raise ValueError(
-                f"milestones[{i}] must be an int (bool refused), got {type(m).__name__} {m!r}"
-            )
+            raise ValueError(f"milestones[{i}] must be an int (bool refused), got {type(m).__name__} {m!r}")
         m = int(m)
         if m < 0:
             raise ValueError(f"milestones[{i}] must be >= 0, got {m}")
@@ -139,9 +135,7 @@ def _set(group: dict, key: str, value: Any) -> None:
 
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (
-            isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
-        )
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
     return type(a) is type(b) and a == b
 
 
@@ -336,8 +330,7 @@ class SequentialLR(LRScheduler):
         # Per phase: 1 for ReduceLROnPlateau (step takes metrics), 2 for a SequentialLR of
         # ours (passes metrics on), 0 for the rest (step takes nothing).
         self._kinds = [
-            1 if isinstance(s, ReduceLROnPlateau) else 2 if isinstance(s, SequentialLR) else 0
-            for s in self._schedulers
+            1 if isinstance(s, ReduceLROnPlateau) else 2 if isinstance(s, SequentialLR) else 0 for s in self._schedulers
         ]
         self._restart()
         if last_epoch > 0:
@@ -356,8 +349,7 @@ class SequentialLR(LRScheduler):
             if not _is_scheduler(child):
                 _restore_groups(optimizer, pristine)
                 raise TypeError(
-                    f"schedulers[{i}] is a callable that returned {type(child).__name__}, "
-                    f"not a learning-rate scheduler"
+                    f"schedulers[{i}] is a callable that returned {type(child).__name__}, not a learning-rate scheduler"
                 )
             if child.optimizer is not optimizer:
                 _restore_groups(optimizer, pristine)
@@ -368,10 +360,13 @@ class SequentialLR(LRScheduler):
             # Keys (other than lr) that this constructor added or changed belong to this phase.
             keys = []
             for group, before in zip(optimizer.param_groups, pristine):
-                keys.append({
-                    k: _copy(v) for k, v in group.items()
-                    if k not in ("params", "lr") and (k not in before or not _same(v, before[k]))
-                })
+                keys.append(
+                    {
+                        k: _copy(v)
+                        for k, v in group.items()
+                        if k not in ("params", "lr") and (k not in before or not _same(v, before[k]))
+                    }
+                )
             built.append(child)
             phase_keys.append(keys)
         return built, phase_keys
@@ -401,9 +396,7 @@ class SequentialLR(LRScheduler):
         self._phase = index
         self._active = self._schedulers[index]
         self._active_kind = self._kinds[index]
-        self._next_milestone = (
-            self._milestones[index] if index < len(self._milestones) else _NO_MILESTONE
-        )
+        self._next_milestone = self._milestones[index] if index < len(self._milestones) else _NO_MILESTONE
 
     def _restart(self) -> None:
         """Back to global step 0 (also what a parent composite calls at our milestone)."""

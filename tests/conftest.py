@@ -23,11 +23,28 @@ SHARED_JPG = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 
 
 TIERS = {
-    "unit": ("test_sequential", "test_sequential_properties", "test_checkpoint", "test_conf", "test_data",
-             "test_models", "test_schema", "sequential"),
+    "unit": (
+        "test_sequential",
+        "test_sequential_properties",
+        "test_checkpoint",
+        "test_conf",
+        "test_data",
+        "test_models",
+        "test_schema",
+        "sequential",
+    ),
     "integration": ("test_bad_input",),
-    "system": ("test_train", "test_faults", "test_distributed", "test_sweeps", "test_loggers", "test_preview",
-               "test_gpu", "test_bench_train", "test_import_sched"),
+    "system": (
+        "test_train",
+        "test_faults",
+        "test_distributed",
+        "test_sweeps",
+        "test_loggers",
+        "test_preview",
+        "test_gpu",
+        "test_bench_train",
+        "test_import_sched",
+    ),
 }
 
 
@@ -48,7 +65,9 @@ def run_train(*overrides: str, check: bool = True, timeout: float = 300, **kw) -
     """Run train.py to completion; on failure show its output."""
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     env["PYTHONUNBUFFERED"] = "1"
-    proc = subprocess.run(train_cmd(*overrides), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kw)
+    proc = subprocess.run(
+        train_cmd(*overrides), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kw
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py {' '.join(overrides)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -90,8 +109,12 @@ def run_until_sigterm(run_dir, overrides, after_lines: int) -> subprocess.Comple
     the last step it logged (in ``.signalled_at``), send SIGTERM and let it go on (SIGCONT)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        train_cmd(*overrides, f"hydra.run.dir={run_dir}"), cwd=ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        train_cmd(*overrides, f"hydra.run.dir={run_dir}"),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     log = run_dir / "metrics.jsonl"
     deadline = time.time() + 120

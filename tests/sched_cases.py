@@ -62,9 +62,7 @@ def reference(factories, milestones, steps: int, n_groups: int = 1, tensor_lr: b
         local = t - phase_start(k, milestones)
         if local > 0:
             opt.step()
-            if isinstance(sched, ReduceLROnPlateau) or (
-                isinstance(sched, SequentialLR) and _has_plateau(sched)
-            ):
+            if isinstance(sched, ReduceLROnPlateau) or (isinstance(sched, SequentialLR) and _has_plateau(sched)):
                 sched.step(metric_at(t))
             else:
                 sched.step()

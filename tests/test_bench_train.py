@@ -15,9 +15,26 @@ from tests.conftest import ROOT
 @pytest.mark.slow
 def test_bench_train_cpu_smallest_reports_positive_figures(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--device", "cpu", "--models", "resnet9",
-           "--width", "8", "--batch", "16", "--steps", "2", "--warmup", "1", "--matmul-n", "512",
-           "--json", str(out)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "bench_train.py"),
+        "--device",
+        "cpu",
+        "--models",
+        "resnet9",
+        "--width",
+        "8",
+        "--batch",
+        "16",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--matmul-n",
+        "512",
+        "--json",
+        str(out),
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
@@ -28,15 +45,27 @@ def test_bench_train_cpu_smallest_reports_positive_figures(tmp_path):
     assert r["settings"]["device"] == "cpu" and r["provenance"]["torch"]
     figures = {
         "matmul TFLOP/s": r["matmul"]["tflops"],
-        **{f"startup {k}": r["startup"][k] for k in
-           ("import_torch_s", "hydra_import_s", "hydra_compose_s", "dataset_to_device_s")},
+        **{
+            f"startup {k}": r["startup"][k]
+            for k in ("import_torch_s", "hydra_import_s", "hydra_compose_s", "dataset_to_device_s")
+        },
     }
     m = r["models"]["resnet9"]
     assert m["width"] == 8 and m["compile_s"] is None
     assert m["train_flops_per_image"] == 3 * m["forward_flops_per_image"]
-    for key in ("train_images_per_s", "eval_images_per_s", "floor_us_per_image", "measured_us_per_image",
-                "floor_ratio", "first_step_s", "steady_step_s", "first_eval_pass_s", "eval_pass_s",
-                "checkpoint_write_s", "checkpoint_mb"):
+    for key in (
+        "train_images_per_s",
+        "eval_images_per_s",
+        "floor_us_per_image",
+        "measured_us_per_image",
+        "floor_ratio",
+        "first_step_s",
+        "steady_step_s",
+        "first_eval_pass_s",
+        "eval_pass_s",
+        "checkpoint_write_s",
+        "checkpoint_mb",
+    ):
         figures[f"resnet9 {key}"] = m[key]
     breakdown = m["breakdown_ms_per_step"]
     assert set(breakdown) == {"data", "forward_backward", "optimizer", "scheduler", "sum"}

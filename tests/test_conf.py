@@ -17,9 +17,7 @@ from omegaconf import OmegaConf, open_dict
 from imgcls.config import SchedulerStepper, compose_config, config_changes, validate_config
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
-OPTIONS = sorted(
-    (str(p.parent.relative_to(CONF)), p.stem) for p in CONF.rglob("*.yaml") if p.parent != CONF
-)
+OPTIONS = sorted((str(p.parent.relative_to(CONF)), p.stem) for p in CONF.rglob("*.yaml") if p.parent != CONF)
 # What an option needs from outside to compose (image_folder has no default path).
 NEEDS = {("data", "image_folder"): ["data.path=/some/folder"]}
 
@@ -94,8 +92,10 @@ def test_resume_tolerates_where_the_data_lives_not_what_it_is():
     """config_changes on resume: data.root (and data.download) are safe, any other data key
     is structural (refused without resume_force), as model/optimizer/scheduler keys are."""
     saved = {"data": {"name": "cifar10", "root": "data", "download": True, "crop_padding": 4}, "trainer": {"epochs": 2}}
-    moved = {"data": {"name": "cifar10", "root": "/mnt/data", "download": False, "crop_padding": 4},
-             "trainer": {"epochs": 3}}
+    moved = {
+        "data": {"name": "cifar10", "root": "/mnt/data", "download": False, "crop_padding": 4},
+        "trainer": {"epochs": 3},
+    }
     assert config_changes(saved, moved) == ([], ["data.download", "data.root", "trainer.epochs"])
     other = {"data": {**saved["data"], "crop_padding": 2, "name": "cifar100"}, "trainer": {"epochs": 2}}
     assert config_changes(saved, other) == (["data.crop_padding", "data.name"], [])

@@ -59,23 +59,36 @@ def _make_cifar10(tmp_path: Path, monkeypatch) -> tuple[Path, dict]:
     for b in range(5):
         x = _cifar_images(3, offset=b * 3)
         y = [(b * 3 + i) % 10 for i in range(3)]
-        _dump(folder / f"data_batch_{b + 1}", {"batch_label": f"training batch {b + 1} of 5",
-                                                 "labels": y, "data": x.reshape(3, -1),
-                                                 "filenames": [f"f{b}_{i}.png" for i in range(3)]})
+        _dump(
+            folder / f"data_batch_{b + 1}",
+            {
+                "batch_label": f"training batch {b + 1} of 5",
+                "labels": y,
+                "data": x.reshape(3, -1),
+                "filenames": [f"f{b}_{i}.png" for i in range(3)],
+            },
+        )
         xs.append(x)
         ys += y
     xte = _cifar_images(4, offset=100)
     yte = [9, 8, 7, 6]
-    _dump(folder / "test_batch", {"batch_label": "testing batch 1 of 1", "labels": yte,
-                                  "data": xte.reshape(4, -1), "filenames": ["t"] * 4})
+    _dump(
+        folder / "test_batch",
+        {"batch_label": "testing batch 1 of 1", "labels": yte, "data": xte.reshape(4, -1), "filenames": ["t"] * 4},
+    )
     names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     _dump(folder / "batches.meta", {"num_cases_per_batch": 3, "label_names": names, "num_vis": 3072})
     root = tmp_path / "root"
     root.mkdir()
     archive = _tar_gz(folder, "cifar-10-batches-py", root / "cifar-10-python.tar.gz")
     monkeypatch.setattr(torchvision.datasets.CIFAR10, "tgz_md5", _md5(archive))
-    return root, {"train_images": np.concatenate(xs), "train_labels": ys, "test_images": xte,
-                  "test_labels": yte, "classes": names}
+    return root, {
+        "train_images": np.concatenate(xs),
+        "train_labels": ys,
+        "test_images": xte,
+        "test_labels": yte,
+        "classes": names,
+    }
 
 
 # --------------------------------------------------------------------------------------
@@ -112,11 +125,26 @@ def test_cifar100_official_archive_fine_labels(tmp_path, monkeypatch):
     folder = tmp_path / "build" / "cifar-100-python"
     folder.mkdir(parents=True)
     xtr, xte = _cifar_images(6, 0), _cifar_images(2, 50)
-    _dump(folder / "train", {"filenames": ["a"] * 6, "batch_label": "training batch 1 of 1",
-                             "fine_labels": [99, 0, 42, 7, 7, 1], "coarse_labels": [19, 0, 1, 2, 3, 4],
-                             "data": xtr.reshape(6, -1)})
-    _dump(folder / "test", {"filenames": ["b"] * 2, "batch_label": "testing batch 1 of 1",
-                            "fine_labels": [5, 98], "coarse_labels": [0, 1], "data": xte.reshape(2, -1)})
+    _dump(
+        folder / "train",
+        {
+            "filenames": ["a"] * 6,
+            "batch_label": "training batch 1 of 1",
+            "fine_labels": [99, 0, 42, 7, 7, 1],
+            "coarse_labels": [19, 0, 1, 2, 3, 4],
+            "data": xtr.reshape(6, -1),
+        },
+    )
+    _dump(
+        folder / "test",
+        {
+            "filenames": ["b"] * 2,
+            "batch_label": "testing batch 1 of 1",
+            "fine_labels": [5, 98],
+            "coarse_labels": [0, 1],
+            "data": xte.reshape(2, -1),
+        },
+    )
     fine = [f"fine{i:02d}" for i in range(100)]
     _dump(folder / "meta", {"fine_label_names": fine, "coarse_label_names": [f"c{i}" for i in range(20)]})
     root = tmp_path / "root"
@@ -149,8 +177,13 @@ def test_absent_archive_one_clear_error(tmp_path):
         load_dataset("cifar10", root=str(root), download=False)
     assert isinstance(ei.value, FileNotFoundError)
     msg = str(ei.value)
-    for s in (str(root / "cifar-10-python.tar.gz"), "data.download", "data.root",
-              "data=image_folder", "experiment=smoke"):
+    for s in (
+        str(root / "cifar-10-python.tar.gz"),
+        "data.download",
+        "data.root",
+        "data=image_folder",
+        "experiment=smoke",
+    ):
         assert s in msg, s
     assert not root.exists()
 
@@ -412,8 +445,9 @@ def test_eval_loader_all_images_in_order_normalised():
 def test_loader_dtype_and_channels_last():
     x, y = _ids_data(16)
     for train in (True, False):
-        ld = DeviceLoader(x, y, 4, torch.device("cpu"), MEAN, STD, train=train,
-                          channels_last=True, dtype=torch.bfloat16)
+        ld = DeviceLoader(
+            x, y, 4, torch.device("cpu"), MEAN, STD, train=train, channels_last=True, dtype=torch.bfloat16
+        )
         xb, yb = next(iter(ld.epoch_batches(0)))
         assert xb.dtype == torch.bfloat16 and xb.shape == (4, 3, 8, 10)
         assert xb.is_contiguous(memory_format=torch.channels_last)
@@ -477,12 +511,12 @@ def test_crops_and_flips_match_per_image_reference():
     assert {-p, p} <= set(plan["dx"].tolist()) and {-p, p} <= set(plan["dy"].tolist())
     assert 0 < plan["flip"].sum() < 64
     for b, (xb, yb) in enumerate(ld.epoch_batches(4)):
-        ids = plan["perm"][b * 32:(b + 1) * 32]
+        ids = plan["perm"][b * 32 : (b + 1) * 32]
         assert torch.equal(yb, ids)
         for i, k in enumerate(ids.tolist()):  # slow reference: pad, slice, flip one image
-            padded = F.pad(x[k:k + 1].float(), (p, p, p, p), mode="reflect")[0]
+            padded = F.pad(x[k : k + 1].float(), (p, p, p, p), mode="reflect")[0]
             dx, dy = int(plan["dx"][k]), int(plan["dy"][k])
-            crop = padded[:, p + dy:p + dy + 8, p + dx:p + dx + 10]
+            crop = padded[:, p + dy : p + dy + 8, p + dx : p + dx + 10]
             if plan["flip"][k]:
                 crop = crop.flip(-1)
             torch.testing.assert_close(xb[i], _norm(crop.to(torch.uint8))[0], rtol=0, atol=1e-5)
@@ -490,11 +524,10 @@ def test_crops_and_flips_match_per_image_reference():
 
 def test_alternating_flip():
     x, y = _ids_data(41)
-    ld = DeviceLoader(x, y, 41, "cpu", MEAN, STD, train=True, seed=2, crop_padding=0,
-                      alternating_flip=True)
+    ld = DeviceLoader(x, y, 41, "cpu", MEAN, STD, train=True, seed=2, crop_padding=0, alternating_flip=True)
 
     def flipped(epoch):  # observed on the actual batches
-        (xb, yb), = _batches(ld, epoch)
+        ((xb, yb),) = _batches(ld, epoch)
         same = (xb - _norm(x[yb])).abs().amax(dim=(1, 2, 3)) < 1e-5
         mirrored = (xb - _norm(x[yb].flip(-1))).abs().amax(dim=(1, 2, 3)) < 1e-5
         assert torch.all(same ^ mirrored)
@@ -534,8 +567,7 @@ def test_loader_bad_arguments():
 def test_real_cifar10_jpeg_subset(tmp_path):
     sub = extract_cifar_subset(tmp_path / "cifar10-sub", {"train": 200, "test": 100})
     ds = load_dataset("image_folder", root=str(tmp_path), path=str(sub))
-    assert ds.classes == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
-                          "horse", "ship", "truck"]
+    assert ds.classes == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     assert ds.train_images.shape == (2000, 3, 32, 32) and ds.test_images.shape == (1000, 3, 32, 32)
     assert torch.bincount(ds.train_labels).tolist() == [200] * 10
     assert torch.bincount(ds.test_labels).tolist() == [100] * 10

@@ -18,9 +18,18 @@ from tests.conftest import ROOT, run_train
 @pytest.mark.slow
 def test_two_ranks_then_resume_on_one(tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "train.py"), "experiment=smoke", "trainer.epochs=2", "trainer.log_every=1",
-           f"hydra.run.dir={run}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "train.py"),
+        "experiment=smoke",
+        "trainer.epochs=2",
+        "trainer.log_every=1",
+        f"hydra.run.dir={run}",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -46,8 +55,18 @@ def _rank_batches(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
     td.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     ds = load_dataset("synthetic", root="data", synthetic_size=(96, 8), seed=3)
-    loader = DeviceLoader(ds.train_images, ds.train_labels, 16, device="cpu", mean=ds.mean, std=ds.std,
-                          train=True, seed=3, rank=rank, world=world)
+    loader = DeviceLoader(
+        ds.train_images,
+        ds.train_labels,
+        16,
+        device="cpu",
+        mean=ds.mean,
+        std=ds.std,
+        train=True,
+        seed=3,
+        rank=rank,
+        world=world,
+    )
     batches = []
     for epoch in range(2):
         for x, y in loader.epoch_batches(epoch):
@@ -68,8 +87,9 @@ def test_two_gloo_ranks_see_the_global_batches_of_one_process(tmp_path):
     mp.spawn(_rank_batches, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     ranked = torch.load(tmp_path / "batches.pt", weights_only=False)
     ds = load_dataset("synthetic", root="data", synthetic_size=(96, 8), seed=3)
-    alone = DeviceLoader(ds.train_images, ds.train_labels, 16, device="cpu", mean=ds.mean, std=ds.std,
-                         train=True, seed=3)
+    alone = DeviceLoader(
+        ds.train_images, ds.train_labels, 16, device="cpu", mean=ds.mean, std=ds.std, train=True, seed=3
+    )
     one = [batch for epoch in range(2) for batch in alone.epoch_batches(epoch)]
     assert len(ranked) == len(one) == 12  # 96 // 16 batches x 2 epochs
     for (x, y), parts in zip(one, ranked):

@@ -66,8 +66,8 @@ from tests.conftest import run_until_sigterm as _run_until_sigterm
 
 SMOKE = ["experiment=smoke"]
 SMOKE3 = [*SMOKE, "trainer.epochs=3", "trainer.log_every=1"]  # 24 steps, 27 metrics lines
-KILL_TRIALS = 20      # delays uniform over the whole run (mostly land in start-up)
-TARGETED_KILLS = 5    # delays uniform over the training that follows the first step
+KILL_TRIALS = 20  # delays uniform over the whole run (mostly land in start-up)
+TARGETED_KILLS = 5  # delays uniform over the training that follows the first step
 SIGTERM_TRIALS = 10
 
 
@@ -83,8 +83,9 @@ def _env(**extra: str) -> dict:
 
 def _run(*overrides: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """train.py to its end (any exit code), with extra environment variables."""
-    return subprocess.run(train_cmd(*overrides), cwd=ROOT, env=_env(**(env or {})), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        train_cmd(*overrides), cwd=ROOT, env=_env(**(env or {})), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _parallel(*jobs):
@@ -151,8 +152,9 @@ def reference(tmp_path_factory):
     startup = done = None
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(train_cmd(*SMOKE3, f"hydra.run.dir={run}"), cwd=ROOT, env=_env(),
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            train_cmd(*SMOKE3, f"hydra.run.dir={run}"), cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT
+        )
         while done is None and proc.poll() is None:
             output = log_path.read_text()
             if startup is None and _trained(output):
@@ -164,8 +166,14 @@ def reference(tmp_path_factory):
     seconds = time.perf_counter() - t0
     assert proc.returncode == 0, log_path.read_text()[-3000:]
     startup = startup or seconds
-    return SimpleNamespace(dir=run, seconds=seconds, startup=startup, training=(done or seconds) - startup,
-                           metrics=metrics(run), weights=weights(run))
+    return SimpleNamespace(
+        dir=run,
+        seconds=seconds,
+        startup=startup,
+        training=(done or seconds) - startup,
+        metrics=metrics(run),
+        weights=weights(run),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -207,8 +215,9 @@ def test_sigkill_at_random_moments_never_loses_or_truncates_a_checkpoint(tmp_pat
         before = (_sha(last), _sha(backup), _temp_files(ckpt_dir))
         log_path = tmp_path / f"trial{trial:02d}.log"
         with open(log_path, "w") as log:
-            proc = subprocess.Popen(train_cmd(*SMOKE3, f"hydra.run.dir={run}"), cwd=ROOT, env=_env(),
-                                    stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                train_cmd(*SMOKE3, f"hydra.run.dir={run}"), cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT
+            )
             start = time.perf_counter()
             if kind == "targeted":
                 while proc.poll() is None and time.perf_counter() < start + 120:
@@ -259,11 +268,13 @@ def test_sigkill_at_random_moments_never_loses_or_truncates_a_checkpoint(tmp_pat
     assert not _temp_files(ckpt_dir), "the next save removes the temp files killed saves left"
     assert_same_weights(weights(run), reference.weights)
     assert sum(phases.values()) == len(plan) and lost == 0
-    print(f"\n{len(plan)} SIGKILL trials (start-up {reference.startup:.1f} s, training {reference.training:.1f} s, "
-          f"run {reference.seconds:.1f} s): "
-          f"{sorted(phases.items())}; "
-          f"last.pt step after each: {history}; checkpoints lost: {lost}; "
-          f"stray temp files left by kills: {stray}")
+    print(
+        f"\n{len(plan)} SIGKILL trials (start-up {reference.startup:.1f} s, training {reference.training:.1f} s, "
+        f"run {reference.seconds:.1f} s): "
+        f"{sorted(phases.items())}; "
+        f"last.pt step after each: {history}; checkpoints lost: {lost}; "
+        f"stray temp files left by kills: {stray}"
+    )
     assert metrics(run) == reference.metrics, finished.stdout
 
 
@@ -315,8 +326,10 @@ def test_truncated_last_falls_back_to_backup_and_bad_files_are_refused(tmp_path,
     more, all_bad, *refused = _parallel(
         lambda: run_train(*SMOKE, "trainer.epochs=3", f"hydra.run.dir={run}"),
         lambda: _run(*SMOKE, "trainer.epochs=3", f"hydra.run.dir={both_bad}"),
-        *(lambda bad=bad: _run(*SMOKE, f"resume={bad}", f"hydra.run.dir={tmp_path / ('fresh-' + bad.stem)}")
-          for bad in (truncated, garbage)),
+        *(
+            lambda bad=bad: _run(*SMOKE, f"resume={bad}", f"hydra.run.dir={tmp_path / ('fresh-' + bad.stem)}")
+            for bad in (truncated, garbage)
+        ),
     )
     # truncated last.pt: a warning naming it, then last.1.pt (end of epoch 1) takes over
     assert f"skipping corrupt checkpoint {last}" in more.stderr
@@ -325,8 +338,13 @@ def test_truncated_last_falls_back_to_backup_and_bad_files_are_refused(tmp_path,
     assert _load(last)["state"]["finished"] and _load(backup)["state"]["epoch"] == 2
 
     # nothing loadable: stop and say so, rather than silently start again from step 0
-    _assert_clean_error(all_bad, 2, "no loadable checkpoint", str(both_bad / "checkpoints" / "last.pt"),
-                        str(both_bad / "checkpoints" / "last.1.pt"))
+    _assert_clean_error(
+        all_bad,
+        2,
+        "no loadable checkpoint",
+        str(both_bad / "checkpoints" / "last.pt"),
+        str(both_bad / "checkpoints" / "last.1.pt"),
+    )
     assert "step=" not in all_bad.stdout
 
     for bad, proc in zip((truncated, garbage), refused):
@@ -359,8 +377,12 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_never_executed(tmp_path
     assert raw_marker.exists()
     raw_marker.unlink()
 
-    procs = _parallel(*(lambda p=p: _run(*SMOKE, f"resume={p}", f"hydra.run.dir={tmp_path / ('run-' + p.stem)}")
-                        for p in (raw, zipped)))
+    procs = _parallel(
+        *(
+            lambda p=p: _run(*SMOKE, f"resume={p}", f"hydra.run.dir={tmp_path / ('run-' + p.stem)}")
+            for p in (raw, zipped)
+        )
+    )
     for path, proc in zip((raw, zipped), procs):
         _assert_clean_error(proc, 2, f"checkpoint {path}", "weights_only")
     assert not raw_marker.exists() and not zip_marker.exists()
@@ -386,9 +408,14 @@ def test_changed_config_on_resume_is_refused_forced_or_logged(tmp_path, one_epoc
         "safe": ["trainer.epochs=3", "trainer.eval_every=3"],
     }
     dirs = {name: _copy_run(one_epoch, tmp_path / f"run{i}") for i, name in enumerate(cases)}
-    procs = dict(zip(cases, _parallel(*(
-        lambda name=name, o=o: _run(*SMOKE, *o, f"hydra.run.dir={dirs[name]}")
-        for name, o in cases.items()))))
+    procs = dict(
+        zip(
+            cases,
+            _parallel(
+                *(lambda name=name, o=o: _run(*SMOKE, *o, f"hydra.run.dir={dirs[name]}") for name, o in cases.items())
+            ),
+        )
+    )
 
     for override, keys in refused.items():
         line = _assert_clean_error(procs[override], 2, "differing keys:", "resume_force=true", *keys)
@@ -582,8 +609,13 @@ def test_after_a_fallback_the_backups_stay_loadable(tmp_path, two_epochs):
 def test_a_fresh_start_drops_metrics_of_a_run_killed_before_its_first_checkpoint(tmp_path, reference):
     run = tmp_path / "run"
     log = run / "metrics.jsonl"
-    proc = subprocess.Popen(train_cmd(*SMOKE3, f"hydra.run.dir={run}"), cwd=ROOT, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        train_cmd(*SMOKE3, f"hydra.run.dir={run}"),
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while proc.poll() is None and time.time() < deadline:
         if log.exists() and len(log.read_text().splitlines()) >= 3:  # steps 1-3 of epoch 1

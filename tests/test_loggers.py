@@ -16,8 +16,9 @@ SMOKE = ["experiment=smoke", "trainer.epochs=1"]
 
 def test_default_run_imports_no_logger(tmp_path):
     env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}
-    proc = subprocess.run(train_cmd(*SMOKE, f"hydra.run.dir={tmp_path}"), cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        train_cmd(*SMOKE, f"hydra.run.dir={tmp_path}"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
     assert "imgcls.data" in imported

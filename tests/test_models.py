@@ -6,8 +6,10 @@ from torch import nn
 
 from imgcls.models import count_flops, resnet9, resnet18
 
-BUILDERS = [pytest.param(lambda n: resnet9(num_classes=n, width=16), id="resnet9-w16"),
-            pytest.param(lambda n: resnet18(num_classes=n), id="resnet18")]
+BUILDERS = [
+    pytest.param(lambda n: resnet9(num_classes=n, width=16), id="resnet9-w16"),
+    pytest.param(lambda n: resnet18(num_classes=n), id="resnet18"),
+]
 
 
 @pytest.mark.parametrize("build", BUILDERS)
@@ -45,7 +47,15 @@ def test_resnet9_default_width_and_scale():
     model = resnet9()
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert [(c.in_channels, c.out_channels) for c in convs] == [
-        (3, 64), (64, 128), (128, 128), (128, 128), (128, 256), (256, 512), (512, 512), (512, 512)]
+        (3, 64),
+        (64, 128),
+        (128, 128),
+        (128, 128),
+        (128, 256),
+        (256, 512),
+        (512, 512),
+        (512, 512),
+    ]
     assert all(c.kernel_size == (3, 3) and c.padding == (1, 1) and c.bias is None for c in convs)
     linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
     assert len(linear) == 1 and linear[0].bias is None and linear[0].in_features == 512
@@ -64,13 +74,13 @@ def test_resnet9_flops_hand_computed():
 
     w, classes = 64, 10
     macs = (
-        conv_macs(3, w, 32)                                  # prep
-        + conv_macs(w, 2 * w, 32)                            # layer1 conv, then pool -> 16
-        + 2 * conv_macs(2 * w, 2 * w, 16)                    # layer1 residual
-        + conv_macs(2 * w, 4 * w, 16)                        # layer2 conv, then pool -> 8
-        + conv_macs(4 * w, 8 * w, 8)                         # layer3 conv, then pool -> 4
-        + 2 * conv_macs(8 * w, 8 * w, 4)                     # layer3 residual
-        + 8 * w * classes                                    # linear
+        conv_macs(3, w, 32)  # prep
+        + conv_macs(w, 2 * w, 32)  # layer1 conv, then pool -> 16
+        + 2 * conv_macs(2 * w, 2 * w, 16)  # layer1 residual
+        + conv_macs(2 * w, 4 * w, 16)  # layer2 conv, then pool -> 8
+        + conv_macs(4 * w, 8 * w, 8)  # layer3 conv, then pool -> 4
+        + 2 * conv_macs(8 * w, 8 * w, 4)  # layer3 residual
+        + 8 * w * classes  # linear
     )
     assert macs == 379_261_952
     model = resnet9(num_classes=classes, width=w)

@@ -52,12 +52,11 @@ def warmup_linear(step: int, total: int, peak: float) -> float:
 # the table
 # --------------------------------------------------------------------------------------
 def test_warmup_linear_table(capsys):
-    code, out, err = run(capsys, "scheduler=warmup_linear", "trainer.epochs=10", "--steps-per-epoch", "10",
-                         "--no-plot")
+    code, out, err = run(capsys, "scheduler=warmup_linear", "trainer.epochs=10", "--steps-per-epoch", "10", "--no-plot")
     assert code == 0, err
     rows = table(out)
     assert sorted(rows) == list(range(0, 101, 10))  # 10 evenly spaced + the first and the end
-    assert rows[0][1] == pytest.approx(0.2 * 0.2)          # 0.04 at step 0
+    assert rows[0][1] == pytest.approx(0.2 * 0.2)  # 0.04 at step 0
     assert rows[20] == (2.0, pytest.approx(0.2), "milestone")  # the peak, at the milestone
     assert rows[100][1] == 0.0 and rows[100][2].startswith("end")
     for step, (epoch, lr, _) in rows.items():
@@ -86,14 +85,13 @@ def test_per_epoch_schedule_is_constant_within_an_epoch():
 
 def test_nested_milestones_count_from_their_phase():
     s = preview.preview(["scheduler=warmup_cosine_tail", "trainer.epochs=10"], steps_per_epoch_arg=10)
-    assert s.milestones == [10]            # ${run_fraction:0.1}
-    assert s.nested_milestones == [80]     # 10 + ${run_fraction:0.7}
+    assert s.milestones == [10]  # ${run_fraction:0.1}
+    assert s.nested_milestones == [80]  # 10 + ${run_fraction:0.7}
     assert s.lrs[80][0] == pytest.approx(0.2 * 0.02) and s.lrs[-1][0] == pytest.approx(0.2 * 0.02)
 
 
 def test_plateau_is_fed_a_synthetic_loss_and_says_so(capsys):
-    code, out, err = run(capsys, "scheduler=warmup_plateau", "trainer.epochs=10", "--steps-per-epoch", "3",
-                         "--no-plot")
+    code, out, err = run(capsys, "scheduler=warmup_plateau", "trainer.epochs=10", "--steps-per-epoch", "3", "--no-plot")
     assert code == 0, err
     assert "synthetic test loss" in out and "depends on the measured test loss" in out
     lrs = [lr for _, lr, _ in table(out).values()]
@@ -109,12 +107,12 @@ def steps(*overrides: str) -> int:
 
 
 def test_steps_per_epoch_from_the_data_config(tmp_path):
-    assert steps() == 50_000 // 512 == 97                                   # cifar10, batch 512
+    assert steps() == 50_000 // 512 == 97  # cifar10, batch 512
     assert steps("data=cifar100", "trainer.batch_size=128") == 390
-    assert steps("data=synthetic") == 512 // 512 == 1                         # synthetic_size[0]
+    assert steps("data=synthetic") == 512 // 512 == 1  # synthetic_size[0]
     assert steps("data=synthetic", "data.synthetic_size=[1000,10]", "trainer.batch_size=64") == 15
     assert steps("experiment=smoke") == 512 // 64
-    assert steps("trainer.limit_train_batches=20") == 20                    # the cap
+    assert steps("trainer.limit_train_batches=20") == 20  # the cap
     for split, count in (("train", 30), ("test", 4)):
         for cls in ("a", "b"):
             (tmp_path / split / cls).mkdir(parents=True)
@@ -176,22 +174,31 @@ def test_every_scheduler_option_previews(option, capsys, tmp_path):
 # --------------------------------------------------------------------------------------
 def test_bad_override_exits_2_with_one_error_line():
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    proc = subprocess.run([sys.executable, "-m", "imgcls.preview", "scheduler=nope", "--no-plot"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "imgcls.preview", "scheduler=nope", "--no-plot"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: scheduler: 'nope' is not an option") and proc.stderr.count("\n") == 1
     assert "warmup_linear" in proc.stderr and proc.stdout == ""
 
 
-@pytest.mark.parametrize("args,message", [
-    (["trainer.epochs=0"], "error: trainer.epochs: 0 is not accepted"),
-    (["optimizer.lr=-1"], "error: optimizer.lr: -1 is not accepted"),
-    (["nosuch.key=1"], "error: nosuch.key: 1 is not accepted: the top level has no key 'nosuch'; accepted: data,"),
-    (["trainer.epochs=1=2"], "error: override 'trainer.epochs=1=2': "),
-    (["experiment=nope"], "error: experiment: 'nope' is not an option"),
-    (["scheduler.milestones=[5,3]"], "error: scheduler: milestones must have exactly one fewer"),
-    (["scheduler=warmup_plateau", "schedule.interval=step"], "error: scheduler: a ReduceLROnPlateau phase"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["trainer.epochs=0"], "error: trainer.epochs: 0 is not accepted"),
+        (["optimizer.lr=-1"], "error: optimizer.lr: -1 is not accepted"),
+        (["nosuch.key=1"], "error: nosuch.key: 1 is not accepted: the top level has no key 'nosuch'; accepted: data,"),
+        (["trainer.epochs=1=2"], "error: override 'trainer.epochs=1=2': "),
+        (["experiment=nope"], "error: experiment: 'nope' is not an option"),
+        (["scheduler.milestones=[5,3]"], "error: scheduler: milestones must have exactly one fewer"),
+        (["scheduler=warmup_plateau", "schedule.interval=step"], "error: scheduler: a ReduceLROnPlateau phase"),
+    ],
+)
 def test_bad_config_is_one_error_line(args, message, capsys, monkeypatch):
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     code, out, err = run(capsys, *args, "--steps-per-epoch", "5", "--no-plot")
@@ -207,20 +214,31 @@ def test_bad_option_is_one_error_line(args, capsys):
     assert exc.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
 
 
-@pytest.mark.parametrize("overrides,says", [
-    (["scheduler.milestones=[100000]"],
-     "scheduler.milestones[0] = 100000 starts scheduler.schedulers[1] at step 100000 (epoch 12500), not before "
-     "the end of the run at step 16 (epoch 2): that phase never runs (the run: 2 epochs x 8 steps = 16 steps)"),
-    (["scheduler=warmup_exp", "trainer.epochs=1"],  # a 2-epoch warmup in a 1-epoch run
-     "scheduler.milestones[0] = 2 starts scheduler.schedulers[1] at step 16 (epoch 2), not before the end of the "
-     "run at step 8 (epoch 1)"),
-    (["scheduler=multistep", "scheduler.milestones=[1,100]"],
-     "scheduler.milestones: 100 is at step 800 (epoch 100), not before the end of the run at step 16 (epoch 2): "
-     "that decay never happens"),
-    (["scheduler=warmup_linear", "scheduler.schedulers.0.total_iters=40"],
-     "scheduler.schedulers[0].total_iters = 40: the LinearLR phase from step 0 (epoch 0) needs until step 40 "
-     "(epoch 5), but its phase ends at step 3 (epoch 0.375): it never completes"),
-])
+@pytest.mark.parametrize(
+    "overrides,says",
+    [
+        (
+            ["scheduler.milestones=[100000]"],
+            "scheduler.milestones[0] = 100000 starts scheduler.schedulers[1] at step 100000 (epoch 12500), not before "
+            "the end of the run at step 16 (epoch 2): that phase never runs (the run: 2 epochs x 8 steps = 16 steps)",
+        ),
+        (
+            ["scheduler=warmup_exp", "trainer.epochs=1"],  # a 2-epoch warmup in a 1-epoch run
+            "scheduler.milestones[0] = 2 starts scheduler.schedulers[1] at step 16 (epoch 2), not before the end of the "
+            "run at step 8 (epoch 1)",
+        ),
+        (
+            ["scheduler=multistep", "scheduler.milestones=[1,100]"],
+            "scheduler.milestones: 100 is at step 800 (epoch 100), not before the end of the run at step 16 (epoch 2): "
+            "that decay never happens",
+        ),
+        (
+            ["scheduler=warmup_linear", "scheduler.schedulers.0.total_iters=40"],
+            "scheduler.schedulers[0].total_iters = 40: the LinearLR phase from step 0 (epoch 0) needs until step 40 "
+            "(epoch 5), but its phase ends at step 3 (epoch 0.375): it never completes",
+        ),
+    ],
+)
 def test_a_schedule_that_does_not_fit_the_run_is_refused(overrides, says):
     with pytest.raises(preview.PreviewError) as e:
         preview.preview(["experiment=smoke", *overrides])
@@ -228,7 +246,9 @@ def test_a_schedule_that_does_not_fit_the_run_is_refused(overrides, says):
 
 
 def test_allow_truncated_runs_it_with_a_warning(capsys):
-    s = preview.preview(["experiment=smoke", "scheduler=warmup_exp", "trainer.epochs=1", "schedule.allow_truncated=true"])
+    s = preview.preview(
+        ["experiment=smoke", "scheduler=warmup_exp", "trainer.epochs=1", "schedule.allow_truncated=true"]
+    )
     assert s.total == 8 and s.peak < 0.2  # the warmup never reaches the peak lr
     assert "warning: scheduler.milestones[0] = 2" in capsys.readouterr().err
 
@@ -239,15 +259,19 @@ def test_every_shipped_schedule_fits_the_default_run(option):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides", [["scheduler=warmup_linear"], ["scheduler=warmup_exp", "trainer.epochs=3"]],
-                         ids=["per-step", "per-epoch"])
+@pytest.mark.parametrize(
+    "overrides",
+    [["scheduler=warmup_linear"], ["scheduler=warmup_exp", "trainer.epochs=3"]],
+    ids=["per-step", "per-epoch"],
+)
 def test_the_preview_equals_the_lrs_a_run_logs(overrides, tmp_path):
     """metrics.jsonl's lr at step N is the lr after N steps (and the scheduler steps due by
     then): the preview's lr at step N, for per-step and per-epoch schedules alike."""
     run = tmp_path / "run"
     run_train("experiment=smoke", "trainer.log_every=1", *overrides, f"hydra.run.dir={run}")
-    logged = {m["step"]: m["lr"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-              if "lr" in m}
+    logged = {
+        m["step"]: m["lr"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "lr" in m
+    }
     s = preview.preview(["experiment=smoke", *overrides])
     assert sorted(logged) == list(range(1, s.total + 1))
     assert all(logged[step] == pytest.approx(s.lrs[step], rel=1e-12) for step in logged), (logged, s.lrs)

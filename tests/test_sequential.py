@@ -32,9 +32,7 @@ from tests.sched_cases import P, assert_close, make_optimizer, reference, run
 # A test that must pass for ours and fail for torch's class: torch's defect, pinned.
 BOTH = [
     pytest.param(SequentialLR, id="ours"),
-    pytest.param(
-        TorchSequentialLR, id="torch", marks=pytest.mark.xfail(strict=True, reason="torch's defect")
-    ),
+    pytest.param(TorchSequentialLR, id="torch", marks=pytest.mark.xfail(strict=True, reason="torch's defect")),
 ]
 
 
@@ -218,7 +216,11 @@ def test_callable_children_equal_object_children():
 
 
 def test_nested_three_deep_matches_definition():
-    inner = P(SequentialLR, schedulers=[P(CosineAnnealingLR, T_max=4), P(ConstantLR, factor=0.1, total_iters=99)], milestones=[4])
+    inner = P(
+        SequentialLR,
+        schedulers=[P(CosineAnnealingLR, T_max=4), P(ConstantLR, factor=0.1, total_iters=99)],
+        milestones=[4],
+    )
     middle = P(SequentialLR, schedulers=[P(ExponentialLR, gamma=0.7), inner], milestones=[2])
     factories = [P(LinearLR, start_factor=0.1, total_iters=3), middle, P(StepLR, step_size=2, gamma=0.5)]
     opt = make_optimizer(2)
@@ -245,12 +247,17 @@ def test_fix_multiplicative_as_later_phase(cls):
 @pytest.mark.parametrize(
     "cls,composite",
     [pytest.param(SequentialLR, c, id=f"ours-{c}") for c in ("ours", "torch_sequential", "chained")]
-    + [pytest.param(TorchSequentialLR, c, marks=BOTH[1].marks, id=f"torch-{c}") for c in ("torch_sequential", "chained")],
+    + [
+        pytest.param(TorchSequentialLR, c, marks=BOTH[1].marks, id=f"torch-{c}")
+        for c in ("torch_sequential", "chained")
+    ],
 )
 def test_fix_composite_as_later_phase(cls, composite):
     opt = make_optimizer()
     if composite == "chained":
-        inner = ChainedScheduler([ConstantLR(opt, factor=0.5, total_iters=2), ExponentialLR(opt, gamma=0.9)], optimizer=opt)
+        inner = ChainedScheduler(
+            [ConstantLR(opt, factor=0.5, total_iters=2), ExponentialLR(opt, gamma=0.9)], optimizer=opt
+        )
         want = [0.005, 0.005, 0.05 * 0.5, 0.05 * 0.5 * 0.9, 0.05 * 0.9**2, 0.05 * 0.9**3]
     else:
         inner_cls = SequentialLR if composite == "ours" else TorchSequentialLR
@@ -352,7 +359,11 @@ def test_step_without_metrics_in_plateau_phase_raises_and_changes_nothing():
 
 def test_metrics_ignored_by_other_phases_and_forwarded_through_nesting():
     opt = make_optimizer()
-    nested = P(SequentialLR, schedulers=[P(ExponentialLR, gamma=0.5), P(ReduceLROnPlateau, factor=0.1, patience=0)], milestones=[1])
+    nested = P(
+        SequentialLR,
+        schedulers=[P(ExponentialLR, gamma=0.5), P(ReduceLROnPlateau, factor=0.1, patience=0)],
+        milestones=[1],
+    )
     s = SequentialLR(opt, [P(ConstantLR, factor=0.1, total_iters=9), nested], [1])
     s.step(3.0)  # ConstantLR ignores the metric; milestone -> nested starts
     s.step(3.0)  # nested: its milestone -> plateau starts
@@ -464,7 +475,9 @@ def test_state_layout_matches_torch():
 def test_state_loads_across_classes(save_cls, load_cls, at):
     def build(cls):
         opt = make_optimizer(2)
-        return opt, cls(opt, [ConstantLR(opt, factor=0.1, total_iters=2), ExponentialLR(opt, gamma=0.9), StepLR(opt, 2)], [3, 5])
+        return opt, cls(
+            opt, [ConstantLR(opt, factor=0.1, total_iters=2), ExponentialLR(opt, gamma=0.9), StepLR(opt, 2)], [3, 5]
+        )
 
     o1, s1 = build(save_cls)
     run(s1, o1, at)
@@ -482,7 +495,10 @@ def test_load_refuses_other_phase_count_and_class():
     with pytest.raises(ValueError, match="saved SequentialLR state has 2 phases, this one has 3"):
         three.load_state_dict(state)
     other = SequentialLR(opt2, [P(ConstantLR), P(StepLR, step_size=2)], [2])
-    with pytest.raises(ValueError, match=r"saved phase 1 does not match phase 1 of this SequentialLR \(StepLR\).*missing.*step_size.*unexpected.*\[\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"saved phase 1 does not match phase 1 of this SequentialLR \(StepLR\).*missing.*step_size.*unexpected.*\[\]",
+    ):
         other.load_state_dict(state)
 
 
@@ -508,7 +524,11 @@ def test_get_last_lr_returns_new_list():
 def test_resume_at_every_step_is_bit_identical():
     factories = [
         P(LinearLR, start_factor=0.1, total_iters=3),
-        P(SequentialLR, schedulers=[P(CosineAnnealingLR, T_max=4), P(MultiplicativeLR, lr_lambda=lambda e: 0.9)], milestones=[4]),
+        P(
+            SequentialLR,
+            schedulers=[P(CosineAnnealingLR, T_max=4), P(MultiplicativeLR, lr_lambda=lambda e: 0.9)],
+            milestones=[4],
+        ),
         P(OneCycleLR, max_lr=0.3, total_steps=20),
     ]
     opt = make_optimizer(2)

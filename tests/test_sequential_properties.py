@@ -56,36 +56,43 @@ leaf_right = st.one_of(
     st.builds(lambda f, n: (P(ConstantLR, factor=f, total_iters=n), True, "constant"), factor, length),
     st.builds(
         lambda a, b, n: (P(LinearLR, start_factor=a, end_factor=b, total_iters=n), True, "linear"),
-        factor, factor, length,
+        factor,
+        factor,
+        length,
     ),
     st.builds(lambda g: (P(ExponentialLR, gamma=g), True, "exponential"), gamma),
-    st.builds(
-        lambda n, p: (P(PolynomialLR, total_iters=n, power=p), True, "polynomial"), length, st.floats(0.5, 3.0)
-    ),
-    st.builds(
-        lambda n, e: (P(CosineAnnealingLR, T_max=n, eta_min=e), True, "cosine"), length, st.floats(0.0, 1e-3)
-    ),
+    st.builds(lambda n, p: (P(PolynomialLR, total_iters=n, power=p), True, "polynomial"), length, st.floats(0.5, 3.0)),
+    st.builds(lambda n, e: (P(CosineAnnealingLR, T_max=n, eta_min=e), True, "cosine"), length, st.floats(0.0, 1e-3)),
     st.builds(lambda k: (P(LambdaLR, lr_lambda=_lambda(k)), True, "lambda"), st.integers(0, 2)),
     st.builds(
         lambda lo, hi, n, cm: (
-            P(CyclicLR, base_lr=lo, max_lr=lo + hi, step_size_up=n, cycle_momentum=cm), True, "cyclic"
+            P(CyclicLR, base_lr=lo, max_lr=lo + hi, step_size_up=n, cycle_momentum=cm),
+            True,
+            "cyclic",
         ),
-        st.floats(1e-3, 0.05), st.floats(0.01, 0.5), length, st.booleans(),
+        st.floats(1e-3, 0.05),
+        st.floats(0.01, 0.5),
+        length,
+        st.booleans(),
     ),
     st.builds(
         lambda t0, tm, e: (P(CosineAnnealingWarmRestarts, T_0=t0, T_mult=tm, eta_min=e), True, "warm_restarts"),
-        st.integers(1, 5), st.integers(1, 2), st.floats(0.0, 1e-3),
+        st.integers(1, 5),
+        st.integers(1, 2),
+        st.floats(0.0, 1e-3),
     ),
 )
 leaf_other = st.one_of(
     st.builds(lambda f: (P(MultiplicativeLR, lr_lambda=lambda s, f=f: f), True, "multiplicative"), gamma),
     st.builds(
         lambda m, pct: (P(OneCycleLR, max_lr=m, total_steps=HORIZON + 2, pct_start=pct), False, "onecycle"),
-        st.floats(0.1, 2.0), st.floats(0.1, 0.6),
+        st.floats(0.1, 2.0),
+        st.floats(0.1, 0.6),
     ),
     st.builds(
         lambda f, p: (P(ReduceLROnPlateau, factor=f, patience=p), False, "plateau"),
-        st.floats(0.1, 0.9), st.integers(0, 2),
+        st.floats(0.1, 0.9),
+        st.integers(0, 2),
     ),
 )
 
@@ -97,20 +104,24 @@ def _chained(opt, a, b):
 composite = st.one_of(
     st.builds(
         lambda a, b, m: (P(SequentialLR, schedulers=[a[0], b[0]], milestones=[m]), False, "ours"),
-        st.one_of(leaf_right, leaf_other), st.one_of(leaf_right, leaf_other), st.integers(0, 8),
+        st.one_of(leaf_right, leaf_other),
+        st.one_of(leaf_right, leaf_other),
+        st.integers(0, 8),
     ),
     st.builds(
-        lambda a, b, m: (
-            lambda opt: TorchSequentialLR(opt, [a[0](opt), b[0](opt)], [m]), False, "torch_sequential"
-        ),
-        leaf_right, leaf_right, st.integers(1, 8),
+        lambda a, b, m: (lambda opt: TorchSequentialLR(opt, [a[0](opt), b[0](opt)], [m]), False, "torch_sequential"),
+        leaf_right,
+        leaf_right,
+        st.integers(1, 8),
     ),
     st.builds(
         lambda a, b: (lambda opt: _chained(opt, a[0], b[0]), False, "chained"),
-        st.sampled_from([P(ConstantLR, factor=0.5, total_iters=3), P(LinearLR, start_factor=0.3, total_iters=4)])
-        .map(lambda f: (f, True, "")),
-        st.sampled_from([P(ExponentialLR, gamma=0.9), P(MultiplicativeLR, lr_lambda=lambda s: 0.95)])
-        .map(lambda f: (f, True, "")),
+        st.sampled_from([P(ConstantLR, factor=0.5, total_iters=3), P(LinearLR, start_factor=0.3, total_iters=4)]).map(
+            lambda f: (f, True, "")
+        ),
+        st.sampled_from([P(ExponentialLR, gamma=0.9), P(MultiplicativeLR, lr_lambda=lambda s: 0.95)]).map(
+            lambda f: (f, True, "")
+        ),
     ),
 )
 phase = st.one_of(leaf_right, leaf_right, leaf_other, composite)
@@ -149,7 +160,9 @@ def test_equals_definition(case):
     opt = make_optimizer(n_groups)
     s = SequentialLR(opt, factories, milestones)
     got = run(s, opt, HORIZON, metrics=needs_metrics(s))
-    assert_close(got, reference(factories, milestones, HORIZON, n_groups), what=f"{[n for *_, n in phases]} {milestones}")
+    assert_close(
+        got, reference(factories, milestones, HORIZON, n_groups), what=f"{[n for *_, n in phases]} {milestones}"
+    )
 
 
 @SETTINGS

@@ -16,8 +16,14 @@ SMOKE = ["experiment=smoke", "trainer.epochs=1"]
 def test_joblib_two_parallel_jobs(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="hydra-joblib-launcher is not installed")
     sweep = tmp_path / "sweep"
-    run_train("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *SMOKE, "optimizer.lr=0.1,0.05",
-              f"hydra.sweep.dir={sweep}")
+    run_train(
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        *SMOKE,
+        "optimizer.lr=0.1,0.05",
+        f"hydra.sweep.dir={sweep}",
+    )
     for job in ("0", "1"):
         assert json.loads((sweep / job / "results.json").read_text())["steps"] == 8
     rows = (sweep / "summary.csv").read_text().splitlines()[1:]

@@ -65,12 +65,25 @@ def evaluate_checkpoint(path):
 
     ckpt = torch.load(path, weights_only=True)
     cfg = OmegaConf.create(ckpt["config"])
-    ds = load_dataset(name=cfg.data.name, root=cfg.data.get("root", "data"), synthetic_size=tuple(cfg.data.synthetic_size),
-                      num_classes=cfg.data.num_classes, seed=cfg.trainer.seed)
+    ds = load_dataset(
+        name=cfg.data.name,
+        root=cfg.data.get("root", "data"),
+        synthetic_size=tuple(cfg.data.synthetic_size),
+        num_classes=cfg.data.num_classes,
+        seed=cfg.trainer.seed,
+    )
     model = instantiate(cfg.model)(num_classes=cfg.data.num_classes)
     model.load_state_dict(ckpt["model"])
-    loader = DeviceLoader(ds.test_images, ds.test_labels, cfg.trainer.eval_batch_size, device="cpu",
-                          mean=ds.mean, std=ds.std, train=False, drop_last=False)
+    loader = DeviceLoader(
+        ds.test_images,
+        ds.test_labels,
+        cfg.trainer.eval_batch_size,
+        device="cpu",
+        mean=ds.mean,
+        std=ds.std,
+        train=False,
+        drop_last=False,
+    )
     return train.evaluate(model, loader, cfg.trainer, torch.device("cpu"), False, None)
 
 
@@ -122,8 +135,15 @@ def test_plateau_schedule_gets_the_test_loss_and_halves_the_lr(tmp_path):
     fed the same test losses, says: a run that did not feed it the loss would fail or never halve."""
     run = tmp_path / "run"
     lr = 1e-6  # (ReduceLROnPlateau ignores a change below its eps, 1e-8)
-    run_train(*SMOKE, "scheduler=warmup_plateau", "trainer.epochs=10", "data.synthetic_size=[256,128]",
-              "trainer.log_every=4", f"optimizer.lr={lr}", f"hydra.run.dir={run}")  # 4 steps per epoch
+    run_train(
+        *SMOKE,
+        "scheduler=warmup_plateau",
+        "trainer.epochs=10",
+        "data.synthetic_size=[256,128]",
+        "trainer.log_every=4",
+        f"optimizer.lr={lr}",
+        f"hydra.run.dir={run}",
+    )  # 4 steps per epoch
     lines = metrics(run)
     losses = [m["test_loss"] for m in lines if "test_loss" in m]
     epoch_lrs = [m["lr"][0] for m in lines if "train_loss" in m]  # after each epoch's scheduler step
@@ -156,8 +176,15 @@ def test_changed_structure_is_refused_on_resume(tmp_path):
 def test_multirun_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     # warmup_exp warms up over 2 epochs: in a 1-epoch run only with the explicit opt-out
-    run_train("-m", *SMOKE, "trainer.epochs=1", "scheduler=warmup_exp,warmup_cosine", "optimizer.lr=0.1,0.05",
-              "schedule.allow_truncated=true", f"hydra.sweep.dir={sweep}")
+    run_train(
+        "-m",
+        *SMOKE,
+        "trainer.epochs=1",
+        "scheduler=warmup_exp,warmup_cosine",
+        "optimizer.lr=0.1,0.05",
+        "schedule.allow_truncated=true",
+        f"hydra.sweep.dir={sweep}",
+    )
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert len(jobs) == 4
     for job in jobs:
@@ -185,8 +212,14 @@ def test_a_failed_sweep_job_is_listed_and_does_not_stop_the_others(tmp_path):
 
 
 def test_help_and_cfg_do_not_import_torch():
-    proc = subprocess.run([*train_cmd("--cfg", "job")], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}, timeout=60)
+    proc = subprocess.run(
+        [*train_cmd("--cfg", "job")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"},
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "scheduler:" in proc.stdout and "_target_: sched.SequentialLR" in proc.stdout
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
@@ -207,19 +240,32 @@ def test_real_cifar10_subset_beats_chance(tmp_path):
     sub = extract_cifar_subset(tmp_path / "cifar10-sub", {"train": 500, "test": 100})
     run = tmp_path / "run"
     run_train(
-        "data=image_folder", f"data.path={sub}", f"data.root={tmp_path / 'cache'}", "model.width=16",
-        "trainer.device=cpu", "trainer.epochs=4", "trainer.batch_size=100", "trainer.log_every=25",
-        "optimizer.lr=0.2", f"hydra.run.dir={run}", timeout=600,
+        "data=image_folder",
+        f"data.path={sub}",
+        f"data.root={tmp_path / 'cache'}",
+        "model.width=16",
+        "trainer.device=cpu",
+        "trainer.epochs=4",
+        "trainer.batch_size=100",
+        "trainer.log_every=25",
+        "optimizer.lr=0.2",
+        f"hydra.run.dir={run}",
+        timeout=600,
     )
     acc = json.loads((run / "results.json").read_text())["final_test_acc"]
     assert acc > 0.30, f"test accuracy {acc:.3f} on 1,000 real test images; chance is 0.10"
 
 
 def test_cfg_job_resolve_prints_the_resolved_config():
-    proc = subprocess.run(train_cmd("experiment=smoke", "--cfg", "job", "--resolve"),
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        train_cmd("experiment=smoke", "--cfg", "job", "--resolve"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     cfg = yaml.safe_load(proc.stdout)
     assert cfg["schedule"]["steps_per_epoch"] == 8  # 512 synthetic images // batch 64, as the run counts
-    assert cfg["scheduler"]["milestones"] == [3]    # ${run_fraction:0.2} of 16 steps
+    assert cfg["scheduler"]["milestones"] == [3]  # ${run_fraction:0.2} of 16 steps
     assert "${" not in proc.stdout
