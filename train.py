@@ -201,19 +201,11 @@ class Data:
 def load_data(cfg: DictConfig, device, dist) -> Data:
     import torch
 
-    from imgcls.data import DeviceLoader, describe, load_dataset
+    from imgcls.data import DeviceLoader, describe, load_configured
     from imgcls.splits import balanced_order, val_indices
 
     d, t = cfg.data, cfg.trainer
-    ds = load_dataset(
-        name=d.name,
-        root=d.get("root", "data"),
-        download=d.get("download", False),
-        path=d.get("path"),
-        synthetic_size=tuple(d.get("synthetic_size", (512, 256))),
-        num_classes=d.num_classes or 10,
-        seed=t.seed,
-    )
+    ds = load_configured(d, t.seed)
     keep, held = val_indices(ds.train_labels, d.get("val_size", 0))  # stratified, from a fixed seed
     train_images, train_labels = ds.train_images[keep], ds.train_labels[keep]
     if t.batch_size > len(train_labels):

@@ -723,6 +723,20 @@ def load_dataset(
     return ds
 
 
+def load_configured(data, seed: int) -> Dataset:
+    """The dataset a run's ``data`` config names (train.py, evaluate, and tests read it through
+    here); keys an option does not have (synthetic has no ``root``) take their defaults."""
+    return load_dataset(
+        name=data.name,
+        root=data.get("root", "data"),
+        download=data.get("download", False),
+        path=data.get("path"),
+        synthetic_size=tuple(data.get("synthetic_size", (512, 256))),
+        num_classes=data.get("num_classes") or 10,
+        seed=seed,
+    )
+
+
 def describe(ds: Dataset, val: int = 0) -> str:
     """One line: name, split sizes (``val`` images held out of train), image size, class count
     and names, source path."""

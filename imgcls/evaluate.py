@@ -174,22 +174,14 @@ def load_split(cfg, data_overrides: dict, split: str):
     """(images uint8 [N,3,H,W], labels, class names) of the run's data with ``data.*`` overrides."""
     from omegaconf import OmegaConf, open_dict
 
-    from imgcls.data import load_dataset
+    from imgcls.data import load_configured
     from imgcls.splits import val_indices
 
     d = cfg.data
     with open_dict(d):
         for k, v in data_overrides.items():
             OmegaConf.update(d, k, v, merge=False)
-    ds = load_dataset(
-        name=d.name,
-        root=d.get("root", "data"),
-        download=d.get("download", False),
-        path=d.get("path"),
-        synthetic_size=tuple(d.get("synthetic_size", (512, 256))),
-        num_classes=d.get("num_classes") or 10,
-        seed=cfg.trainer.seed,
-    )
+    ds = load_configured(d, cfg.trainer.seed)
     if split == "test":
         return ds.test_images, ds.test_labels, ds.classes
     _, held = val_indices(ds.train_labels, d.get("val_size", 0))

@@ -29,8 +29,19 @@ class RunLock:
     def acquire(self) -> "RunLock":
         import fcntl
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        from imgcls.io import WriteFault, is_write_fault
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            if not is_write_fault(e):
+                raise
+            raise WriteFault(
+                f"could not create the run-directory lock {self.path}: {e.strerror}; nothing was written",
+                self.path,
+                e.errno,
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -40,8 +51,13 @@ class RunLock:
                 f"hydra.run.dir: {self.path.parent} is in use by another training process (PID {holder}); "
                 f"wait for it to end or stop it, or choose another hydra.run.dir"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:  # our PID, for the message a second process prints; the lock holds without it
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as e:
+            if not is_write_fault(e):  # a full disk: the first file the run writes reports it
+                os.close(fd)
+                raise
         self.fd = fd
         return self
 

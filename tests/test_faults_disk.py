@@ -259,26 +259,32 @@ def test_config_on_a_full_disk_and_a_read_only_run_dir_exit_4(tmpfs):
 # --------------------------------------------------------------------------------------
 # 4. results.json, a logger's file, the sweep summary (in-process)
 # --------------------------------------------------------------------------------------
-def _state():
-    state = train.State()
+def _write_results(disk):
+    """train.write_results on a finished run's counters (its test-split evaluation stubbed below)."""
+    from imgcls.checkpoint import State
+
+    state = State()
     state.step, state.best_acc, state.train_seconds, state.images = 16, 0.5, 1.0, 1024
-    state.last_eval = {"test_loss": 1.0, "test_acc": 0.5}
-    return state
+    no_val = SimpleNamespace(val=None)
+    train.write_results(None, disk, no_val, None, state, torch.device("cpu"), SimpleNamespace(is_main=True), None)
 
 
-def test_results_on_a_full_or_read_only_disk_are_a_write_fault_and_keep_the_old_file(tmpfs):
+def test_results_on_a_full_or_read_only_disk_are_a_write_fault_and_keep_the_old_file(tmpfs, monkeypatch):
+    # The file is what is tested, not the evaluation that fills it: no model, no data.
+    monkeypatch.setattr(
+        train, "final_test", lambda *a: {"final_test_acc": 0.5, "final_test_loss": 1.0, "weights": "raw"}
+    )
     disk = tmpfs("disk", "64k")
-    main = SimpleNamespace(is_main=True)
-    train.write_results(disk, _state(), torch.device("cpu"), main)
+    _write_results(disk)
     before = (disk / "results.json").read_bytes()
     _fill(disk)
     with pytest.raises(WriteFault, match=r"could not write the results .*results\.json: No space left on device"):
-        train.write_results(disk, _state(), torch.device("cpu"), main)
+        _write_results(disk)
     assert (disk / "results.json").read_bytes() == before and not list(disk.glob(".*.tmp"))
     (disk / "filler").unlink()
     _remount(disk, "ro")
     with pytest.raises(WriteFault, match="Read-only file system") as e:
-        train.write_results(disk, _state(), torch.device("cpu"), main)
+        _write_results(disk)
     assert "\n" not in str(e.value) and (disk / "results.json").read_bytes() == before
 
 
@@ -354,7 +360,7 @@ def test_a_full_data_root_stops_extraction_or_only_the_cache(tmp_path, tmpfs):
     digest = _sha(archive)
     no_room = tmpfs("no_room", str(_pages(extracted // 2)))  # half of the images fit
     no_cache = tmpfs("no_cache", str(_pages(extracted + cache // 2)))  # the images fit, the cache not
-    data = [*SMOKE, "data.name=image_folder", f"data.path={archive}"]
+    data = [*SMOKE, "data=image_folder", "data.val_size=0", f"data.path={archive}"]
     stopped, cacheless = _parallel(
         lambda: _run(*data, f"data.root={no_room}", f"hydra.run.dir={tmp_path / 'run1'}"),
         lambda: _run(*data, f"data.root={no_cache}", f"hydra.run.dir={tmp_path / 'run2'}"),

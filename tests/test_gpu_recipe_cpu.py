@@ -77,7 +77,7 @@ def test_gpu_switches_forced_on_a_cpu_reach_model_batches_optimizer_and_autocast
     model.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.trainer.label_smoothing)
     before = [p.detach().clone() for p in model.parameters()]
-    loss = train.train_step(model, optimizer, loss_fn, x, y, bf16=cfg.trainer.precision == "bf16")
+    loss = train.train_step(model, optimizer, loss_fn, x, y, cfg.trainer.precision)
     assert seen == [torch.bfloat16], "the forward pass did not run under bf16 autocast"
     assert torch.isfinite(loss) and loss.dtype == torch.float32
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters())), "the fused step changed nothing"

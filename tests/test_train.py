@@ -61,17 +61,11 @@ def evaluate_checkpoint(path):
     from omegaconf import OmegaConf
 
     import train
-    from imgcls.data import DeviceLoader, load_dataset
+    from imgcls.data import DeviceLoader, load_configured
 
     ckpt = torch.load(path, weights_only=True)
     cfg = OmegaConf.create(ckpt["config"])
-    ds = load_dataset(
-        name=cfg.data.name,
-        root=cfg.data.get("root", "data"),
-        synthetic_size=tuple(cfg.data.synthetic_size),
-        num_classes=cfg.data.num_classes,
-        seed=cfg.trainer.seed,
-    )
+    ds = load_configured(cfg.data, cfg.trainer.seed)
     model = instantiate(cfg.model)(num_classes=cfg.data.num_classes)
     model.load_state_dict(ckpt["model"])
     loader = DeviceLoader(
