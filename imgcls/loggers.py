@@ -180,7 +180,8 @@ def _wandb_api_key() -> bool:
 class WandbLogger:
     """A Weights & Biases run: the resolved config, lr/group_N, loss/train, loss/test,
     accuracy/test, throughput/images_per_second and epoch against the optimizer step (the
-    ``step`` key is the x-axis), best and final test accuracy in the summary. Files go to
+    ``step`` key is the x-axis), best and final accuracy of the evaluated split (val, else test)
+    in the summary. Files go to
     ``<dir or run dir>/wandb/``; offline runs upload later with ``wandb sync``. Needs the
     ``wandb`` package (the ``wandb`` extra)."""
 
