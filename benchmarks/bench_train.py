@@ -68,6 +68,10 @@ DEFAULTS = {
 # --------------------------------------------------------------------------------------
 # set-up
 # --------------------------------------------------------------------------------------
+# --smallest: ResNet-9 width 8 on the CPU, 2 timed steps of 16 images, a 512 x 512 matmul.
+SMALLEST = {"device": "cpu", "models": "resnet9", "width": 8, "batch": 16, "steps": 2, "warmup": 1, "matmul_n": 512}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -79,7 +83,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--matmul-n", type=int, help="matmul size n for n x n @ n x n (CUDA 8192, CPU 2048)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (as trainer.compile=true)")
     p.add_argument("--json", type=Path, help="write every figure to this JSON file")
+    p.add_argument(
+        "--smallest",
+        action="store_true",
+        help="a seconds-long CPU check that every figure comes out: "
+        "the SMALLEST settings (the test and make gpu-report SMOKE=1 use it)",
+    )
     args = p.parse_args(argv)
+    if args.smallest:
+        p.set_defaults(**SMALLEST)
+        args = p.parse_args(argv)  # flags given still win over SMALLEST
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     for m in args.models:
         if m not in MODELS:

@@ -250,26 +250,7 @@ def bench(report: Report, args, work: Path) -> None:
         str(BENCH_DIR / "bench_train.py"),
         "--json",
         str(train_json),
-        *(
-            [
-                "--device",
-                "cpu",
-                "--models",
-                "resnet9",
-                "--width",
-                "8",
-                "--batch",
-                "16",
-                "--steps",
-                "2",
-                "--warmup",
-                "1",
-                "--matmul-n",
-                "512",
-            ]
-            if small
-            else []
-        ),
+        *(["--smallest"] if small else []),
     ]
     lines = []
     for cmd in (sched_cmd, train_cmd):
