@@ -155,9 +155,9 @@ def run_cmd(cmd: list[str], env: dict | None = None, timeout: float = 900) -> tu
     return proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - t0
 
 
-def train(run_dir: Path, overrides: list[str], env: dict | None = None) -> dict:
-    """One train.py process: its results.json plus `process_s` (spawn to exit), or its error."""
-    cmd = [
+def train_command(run_dir: Path, overrides: list[str]) -> list[str]:
+    """A fresh train.py run in run_dir (never a resume of an earlier report's run), no progress bar."""
+    return [
         sys.executable,
         str(ROOT / "train.py"),
         *overrides,
@@ -165,6 +165,11 @@ def train(run_dir: Path, overrides: list[str], env: dict | None = None) -> dict:
         "resume=never",
         "trainer.progress=false",
     ]
+
+
+def train(run_dir: Path, overrides: list[str], env: dict | None = None) -> dict:
+    """One train.py process: its results.json plus `process_s` (spawn to exit), or its error."""
+    cmd = train_command(run_dir, overrides)
     code, out, seconds = run_cmd(cmd, env)
     if code != 0:
         return {"error": f"exit {code}: {last_line(out)}", "process_s": seconds, "command": shlex.join(cmd)}
@@ -341,14 +346,7 @@ def seeds_compiled(report: Report, args, base: list[str], work: Path, eager: dic
 def sigterm_resume(report: Report, base: list[str], work: Path, reference: dict) -> None:
     run_dir = work / "sigterm_seed0"
     overrides = [*base, "trainer.seed=0"]
-    cmd = [
-        sys.executable,
-        str(ROOT / "train.py"),
-        *overrides,
-        f"hydra.run.dir={run_dir}",
-        "resume=never",
-        "trainer.progress=false",
-    ]
+    cmd = train_command(run_dir, overrides)
     title = "SIGTERM and resume"
     if "error" in reference:
         report.set(title, [f"not run: the uninterrupted seed-0 run failed ({reference['error']})"])
