@@ -205,7 +205,7 @@ def load_data(cfg: DictConfig, device, dist) -> Data:
     from imgcls.splits import balanced_order, val_indices
 
     d, t = cfg.data, cfg.trainer
-    ds = load_configured(d, t.seed)
+    ds = load_configured(d)
     keep, held = val_indices(ds.train_labels, d.get("val_size", 0))  # stratified, from a fixed seed
     train_images, train_labels = ds.train_images[keep], ds.train_labels[keep]
     if t.batch_size > len(train_labels):
@@ -242,8 +242,7 @@ def load_data(cfg: DictConfig, device, dist) -> Data:
     steps = min(len(train), t.limit_train_batches or len(train))
     with open_dict(cfg):
         cfg.schedule.steps_per_epoch = steps
-        if d.num_classes is None:
-            cfg.data.num_classes = len(ds.classes)
+        cfg.data.num_classes = len(ds.classes)  # the model's output size (evaluate reads it)
     description = describe(ds, val=len(held))
     if dist.is_main:
         ranks = f" x {dist.world} ranks" if dist.enabled else ""

@@ -537,7 +537,7 @@ def main(argv=None) -> None:
     matmul = matmul_ceiling(device, s["matmul_n"])
     print(f"\nmatmul ceiling: {matmul['tflops']:.3f} TFLOP/s ({matmul['dtype']} {matmul['n']}^3)", flush=True)
 
-    from imgcls.data import load_dataset
+    from imgcls.data import synthetic
 
     overrides = [
         "data=synthetic",
@@ -546,11 +546,10 @@ def main(argv=None) -> None:
         f"trainer.batch_size={s['batch']}",
         f"trainer.eval_batch_size={s['eval_batch']}",
         f"trainer.device={s['device']}",
-        f"data.synthetic_size=[{s['train_images']},{s['test_images']}]",
+        f"data.dataset.train_size={s['train_images']}",
+        f"data.dataset.test_size={s['test_images']}",
     ]
-    ds = load_dataset(
-        "synthetic", root="data", synthetic_size=(s["train_images"], s["test_images"]), num_classes=NUM_CLASSES, seed=0
-    )
+    ds = synthetic(s["train_images"], s["test_images"], num_classes=NUM_CLASSES, seed=0).load()
     data_cfg = compose(overrides)
     sync(device)
     t0 = time.perf_counter()

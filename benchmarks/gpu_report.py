@@ -52,7 +52,8 @@ from bench_train import provenance  # noqa: E402  (command, date, device, torch,
 # The scaled-down recipe of --smoke: cifar10_fast on a CPU with every GPU switch forced on.
 SMOKE_RECIPE = [
     "data=synthetic",
-    "data.synthetic_size=[256,128]",
+    "data.dataset.train_size=256",
+    "data.dataset.test_size=128",
     "trainer.device=cpu",
     "model.width=8",
     "trainer.epochs=2",
@@ -118,8 +119,8 @@ def data_overrides(args) -> list[str]:
         return []  # SMOKE_RECIPE has synthetic data
     path = Path(args.data).expanduser().resolve()
     if path.name == "cifar-10-python.tar.gz":
-        return ["data=cifar10", f"data.root={path.parent}", "data.download=false"]
-    return ["data=image_folder", f"data.path={path}"]
+        return ["data=cifar10", f"data.dataset.root={path.parent}", "data.dataset.download=false"]
+    return ["data=image_folder", f"data.dataset.path={path}"]
 
 
 # --------------------------------------------------------------------------------------

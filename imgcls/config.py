@@ -506,12 +506,15 @@ def _targets(node) -> list[str]:
 def validate_config(cfg: DictConfig) -> None:
     """Check the composed config: what its schema cannot express (ranges, choices, how the
     parts fit together). Touches no file and no device: see pick_device and check_writable."""
-    from imgcls.data import DATASET_NAMES
-
     check_schema(cfg)
-    missing = [f"{part}.{k}" for part in ("data", "trainer") for k in cfg[part] if OmegaConf.is_missing(cfg[part], k)]
+    missing = [
+        f"{part}.{k}"
+        for part in ("data", "data.dataset", "trainer")
+        for k in OmegaConf.select(cfg, part)
+        if OmegaConf.is_missing(OmegaConf.select(cfg, part), k)
+    ]
     if missing:
-        hint = " (the folder or archive with train/<class>/*, test/<class>/*)" if missing[0] == "data.path" else ""
+        hint = " (the folder or archive with train/<class>/*, test/<class>/*)" if missing[0].endswith(".path") else ""
         raise ValueError(
             f"{missing[0]}: ??? (no value) is not accepted; this option needs one: pass {missing[0]}=...{hint}"
         )
@@ -534,8 +537,6 @@ def validate_config(cfg: DictConfig) -> None:
     for key in SWITCHES:
         _switch(cfg, key)
     _one_of(cfg, "schedule.interval", INTERVALS)
-    data_schema = _schema_of(cfg, "data")
-    _one_of(cfg, "data.name", data_schema.NAMES if data_schema is not None else DATASET_NAMES)
     from imgcls.averaging import check_averaging
     from imgcls.precision import check_clip
     from imgcls.splits import val_count
@@ -629,8 +630,10 @@ class config_errors:
         from hydra.errors import InstantiationException
 
         if kind is not None and issubclass(kind, (ValueError, TypeError, InstantiationException)):
-            cause = exc.__cause__ or exc
-            raise ValueError(f"{self.group}: {cause}") from exc
+            message = _one_line(exc.__cause__ or exc)
+            if not message.startswith(self.group):  # a builder's own error may name its key already
+                message = f"{self.group}: {message}"
+            raise ValueError(message) from exc
         return False
 
 
@@ -638,7 +641,7 @@ class config_errors:
 # Resume: which config changes a checkpoint tolerates.
 # --------------------------------------------------------------------------------------
 STRUCTURAL = ("model", "optimizer", "scheduler", "schedule.interval", "data")
-SAFE_DATA_KEYS = ("data.root", "data.download")
+SAFE_DATA_KEYS = ("data.dataset.root", "data.dataset.download")  # where the same data lives
 
 
 def _flatten(d, prefix: str = "") -> dict:

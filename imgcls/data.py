@@ -2,19 +2,22 @@
 
 Two parts, used by train.py:
 
-* ``load_dataset`` reads one of ``cifar10``, ``cifar100`` (the official python archives),
-  ``image_folder`` (``train/<class>/*`` + ``test/<class>/*``, as a folder or a tar archive)
-  or ``synthetic`` (no files) into a ``Dataset``: uint8 ``[N, 3, H, W]`` images, int64
-  labels, class names and per-channel mean/std. Decoded tensors are cached under
-  ``<root>/cache/`` so that 60,000 JPEGs are decoded once, not once per run.
+* The data options, each a builder named by ``data.dataset._target_`` in ``conf/data/``:
+  ``cifar10``, ``cifar100`` (the official python archives), ``image_folder``
+  (``train/<class>/*`` + ``test/<class>/*``, as a folder or a tar archive) and ``synthetic``
+  (no files). Each takes only its own keys and returns a ``DataSource``: its training-set
+  size (counted without decoding an image) and ``load()``, which reads a ``Dataset``: uint8
+  ``[N, 3, H, W]`` images, int64 labels, class names and per-channel mean/std. Decoded tensors
+  are cached under ``<root>/cache/`` so that 60,000 JPEGs are decoded once, not once per run.
 * ``DeviceLoader`` keeps a whole split on one device and yields shuffled, randomly
   cropped and flipped, normalised batches with batched tensor ops only: no Python loop
   over images, no host-device sync per batch. Every random draw of an epoch is a pure
   function of ``(seed, epoch)``, so a run resumed at ``(epoch, batch)`` sees exactly the
   batches an uninterrupted run would have seen.
 
-All paths in messages and logs are absolute. A relative ``data.root`` / ``data.path`` is
-resolved against the project root (the folder that holds ``imgcls/``), never the cwd.
+All paths in messages and logs are absolute. A relative ``data.dataset.root`` /
+``data.dataset.path`` is resolved against the project root (the folder that holds ``imgcls/``),
+never the cwd.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ import tarfile
 import tempfile
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterator, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -44,18 +47,16 @@ from imgcls.io import WriteFault, free_bytes, human_bytes, is_write_fault, torch
 log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-"""The project root: relative ``data.root`` / ``data.path`` values are resolved against it."""
-
-DATASET_NAMES = ("cifar10", "cifar100", "image_folder", "synthetic")
+"""The project root: relative ``data.dataset.root`` / ``data.dataset.path`` values are resolved against it."""
 
 _CACHE_VERSION = 1  # bump when the cache layout changes: old cache files are then ignored
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 
 # name -> (torchvision class holding the official url/filename/md5 constants,
-#          label key in the batch pickles, class-name key in the meta pickle)
+#          label key in the batch pickles, class-name key in the meta pickle, training images)
 _OFFICIAL = {
-    "cifar10": (torchvision.datasets.CIFAR10, "labels", "label_names"),
-    "cifar100": (torchvision.datasets.CIFAR100, "fine_labels", "fine_label_names"),
+    "cifar10": (torchvision.datasets.CIFAR10, "labels", "label_names", 50_000),
+    "cifar100": (torchvision.datasets.CIFAR100, "fine_labels", "fine_label_names", 50_000),
 }
 
 
@@ -90,7 +91,7 @@ class Dataset:
 # --------------------------------------------------------------------------------------
 
 
-def resolve_path(value: str | os.PathLike, key: str = "data.root") -> Path:
+def resolve_path(value: str | os.PathLike, key: str = "data.dataset.root") -> Path:
     """Absolute path for a config value: ``~`` expanded, relative -> against PROJECT_ROOT."""
     if value is None or str(value) == "":
         raise ValueError(
@@ -293,7 +294,7 @@ def _image_cache_bytes(archive: Path, members: Sequence[tarfile.TarInfo]) -> int
 
 
 def _extraction_fault(archive: Path, dest: Path, e: OSError, members, cache_bytes) -> WriteFault:
-    """The one-line error of an extraction that the disk under data.root refused."""
+    """The one-line error of an extraction that the disk under data.dataset.root refused."""
     root = dest.parent
     try:
         st = os.statvfs(root)
@@ -304,9 +305,9 @@ def _extraction_fault(archive: Path, dest: Path, e: OSError, members, cache_byte
     cache = (cache_bytes(members) if members else None) if callable(cache_bytes) else cache_bytes
     free = free_bytes(root)
     what = (
-        "the disk under data.root " + str(root) + " is full"
+        "the disk under data.dataset.root " + str(root) + " is full"
         if e.errno in (errno.ENOSPC, errno.EDQUOT)
-        else f"data.root {root} cannot be written"
+        else f"data.dataset.root {root} cannot be written"
     )
     cause = f"{e.strerror or e}, {errno.errorcode.get(e.errno, e.errno)}"
     sizes = []
@@ -320,7 +321,7 @@ def _extraction_fault(archive: Path, dest: Path, e: OSError, members, cache_byte
         f"cannot extract {archive}: {what} ({cause})"
         + (f"; {', '.join(sizes)}" if sizes else "")
         + f"; nothing was left behind (the partial extraction was removed, {archive.name} is untouched): "
-        f"free some space or set data.root to a folder on a bigger disk",
+        f"free some space or set data.dataset.root to a folder on a bigger disk",
         root,
         e.errno,
     )
@@ -379,15 +380,15 @@ def _extract_atomic(archive: Path, dest: Path, subfolder: str | None = None, cac
 
 def _not_found_message(name: str, root: Path, archive: Path, folder: Path, cause: str = "") -> str:
     lines = [
-        f"data.name={name}: the official archive was not found{cause}.",
+        f"data={name}: the official archive was not found{cause}.",
         f"  expected: {archive}",
         f"        or: its extracted folder {folder}",
         "Do one of:",
-        f"  data.download=true                      download it into data.root={root}",
-        f"  data.root=/path/with/the/archive        a folder that holds {archive.name}",
-        "  data=image_folder data.path=/path/to/tree_or_archive",
-        "                                          train/<class>/* and test/<class>/* images (a folder or .tar.gz)",
-        "  experiment=smoke                        an offline smoke run on synthetic data",
+        f"  data.dataset.download=true                download it into data.dataset.root={root}",
+        f"  data.dataset.root=/path/with/the/archive  a folder that holds {archive.name}",
+        "  data=image_folder data.dataset.path=/path/to/tree_or_archive",
+        "                                            train/<class>/* and test/<class>/* images (a folder or .tar.gz)",
+        "  experiment=smoke                          an offline smoke run on synthetic data",
     ]
     return "\n".join(lines)
 
@@ -418,7 +419,7 @@ def _read_official(folder: Path, files: list[str], label_key: str) -> tuple[torc
 
 
 def _load_official(name: str, root: Path, download: bool) -> Dataset:
-    cls, label_key, names_key = _OFFICIAL[name]
+    cls, label_key, names_key, _ = _OFFICIAL[name]
     archive = root / cls.filename
     folder = root / cls.base_folder
     train_files = [f for f, _ in cls.train_list]
@@ -433,7 +434,7 @@ def _load_official(name: str, root: Path, download: bool) -> Dataset:
                     f"{archive}: the md5 checksum does not match the official "
                     f"{cls.filename} (expected {cls.tgz_md5}); the file is corrupt "
                     f"or not the official archive. Delete it and download again "
-                    f"(data.download=true), or point data.root elsewhere."
+                    f"(data.dataset.download=true), or point data.dataset.root elsewhere."
                 )
             # the cache: 3x32x32 bytes + an int64 label per image (CIFAR-10 and -100: 60,000 images)
             _extract_atomic(archive, folder, subfolder=cls.base_folder, cache_bytes=60_000 * (3 * 32 * 32 + 8))
@@ -504,7 +505,7 @@ def _find_tree(base: Path) -> Path:
     if len(subs) == 1 and (subs[0] / "train").is_dir() and (subs[0] / "test").is_dir():
         return subs[0]
     raise ValueError(
-        f"data.path: {base} holds no train/ and test/ folders (expected "
+        f"data.dataset.path: {base} holds no train/ and test/ folders (expected "
         f"train/<class>/* and test/<class>/*, possibly under one top folder)"
     )
 
@@ -569,31 +570,46 @@ def _decode_all(files: list[Path], expected: tuple[int, int] | None, workers: in
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
-def _load_image_folder(root: Path, path: str | None) -> Dataset:
+def _image_folder_path(path) -> Path:
+    """``data.dataset.path`` checked: an existing folder, or a file with an archive suffix."""
+    accepted = "a folder with train/<class>/* and test/<class>/* or a .tar.gz/.tgz/.tar archive of one"
     if path is None or str(path) == "":
-        raise ValueError(
-            "data.path: None; data.name=image_folder needs data.path, a folder with "
-            "train/<class>/* and test/<class>/* or a .tar.gz/.tgz/.tar archive of one"
-        )
-    src = resolve_path(path, "data.path")
+        raise ValueError(f"data.dataset.path: {path!r} is not accepted; expected {accepted}")
+    src = resolve_path(path, "data.dataset.path")
     if not src.exists():
-        raise ValueError(
-            f"data.path: {src} does not exist; give a folder with train/<class>/* "
-            f"and test/<class>/* or a .tar.gz/.tgz/.tar archive of one"
-        )
+        raise ValueError(f"data.dataset.path: {src} does not exist; expected {accepted}")
+    if src.is_file() and _archive_stem(src) is None:
+        raise ValueError(f"data.dataset.path: {src} is a file but not a .tar.gz/.tgz/.tar archive; expected {accepted}")
+    return src
+
+
+def _count_train(root: Path, src: Path) -> int:
+    """Training images under ``src`` (or its extraction), listed as the loader lists them;
+    for an archive not yet extracted, its member list is read (no image is decoded)."""
+    if src.is_file() and not (root / _archive_stem(src)).is_dir():
+        try:
+            with tarfile.open(src) as tf:
+                names = [PurePosixPath(m.name) for m in _safe_members(tf, src) if m.isfile()]
+        except (tarfile.TarError, EOFError) as e:
+            raise ValueError(f"data.dataset.path: {src} is not a readable archive ({type(e).__name__}: {e})") from e
+        # train/<class>/<file>, possibly under one top folder (as _find_tree accepts)
+        return sum(1 for p in names if len(p.parts) in (3, 4) and p.parts[-3] == "train" and not p.name.startswith("."))
+    base = root / _archive_stem(src) if src.is_file() else src
+    _, files = _list_split(_find_tree(base) / "train")
+    return sum(len(fs) for fs in files)
+
+
+def _load_image_folder(root: Path, src: Path) -> Dataset:
     if src.is_file():
-        stem = _archive_stem(src)
-        if stem is None:
-            raise ValueError(
-                f"data.path: {src} is a file but not a .tar.gz/.tgz/.tar archive; give a folder or such an archive"
-            )
-        dest = root / stem
+        dest = root / _archive_stem(src)
         if dest.is_dir():
             log.info("using %s, extracted earlier from %s", dest, src)
         else:
+            root.mkdir(parents=True, exist_ok=True)
             _extract_atomic(src, dest, cache_bytes=lambda members: _image_cache_bytes(src, members))
         base = dest
     else:
+        root.mkdir(parents=True, exist_ok=True)
         base = src
     tree = _find_tree(base)
 
@@ -664,77 +680,99 @@ def _synthetic(n_train: int, n_test: int, num_classes: int, seed: int) -> Datase
 
 
 # --------------------------------------------------------------------------------------
-# entry point
+# the data options: conf/data/<option>.yaml names one of these as data.dataset._target_
 # --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DataSource:
+    """What a data option's builder returns: the dataset, not yet read.
+
+    ``load()`` reads it whole (a ``Dataset``). ``train_size()`` counts its training images
+    without decoding one: the schedule preview and ``--cfg job --resolve`` need the number of
+    steps per epoch before (or without) a run; ``None`` makes them load the data instead.
+    """
+
+    name: str  # for logs and the decoded-tensor cache
+    load: Callable[[], Dataset]
+    train_size: Callable[[], int] | None = None
+
+
+def cifar10(root: str = "data", download: bool = True) -> DataSource:
+    """CIFAR-10 from the official python archive ``cifar-10-python.tar.gz`` in ``root``, the ONE
+    data folder of every run (archive, extracted folder and ``cache/``; relative: against the
+    project root); fetched from torchvision's URL when absent and ``download``, its MD5 checked.
+    50,000 train / 10,000 test images, 3x32x32, 10 classes."""
+    return _official("cifar10", root, download)
+
+
+def cifar100(root: str = "data", download: bool = True) -> DataSource:
+    """CIFAR-100 (its 100 fine labels), as ``cifar10``: 50,000 train / 10,000 test images."""
+    return _official("cifar100", root, download)
+
+
+def image_folder(path: str, root: str = "data") -> DataSource:
+    """``path``: a folder with ``train/<class>/*`` and ``test/<class>/*`` images of one size
+    (possibly under one top folder), or a .tar.gz/.tgz/.tar archive of one, extracted once into
+    ``<root>/<archive name without extension>/``. Class names are the sorted folder names.
+    Decoded images are cached under ``<root>/cache/``, so a folder is decoded once, not per run."""
+    src = _image_folder_path(path)
+    root_p = _data_root(root)
+    return DataSource(
+        "image_folder", load=lambda: _load_image_folder(root_p, src), train_size=lambda: _count_train(root_p, src)
+    )
+
+
+def synthetic(train_size: int = 512, test_size: int = 256, num_classes: int = 10, seed: int = 0) -> DataSource:
+    """Learnable random patterns made in memory (no files, no network): smoke runs and tests."""
+    for key, value, low in (
+        ("train_size", train_size, 1),
+        ("test_size", test_size, 1),
+        ("num_classes", num_classes, 2),
+    ):
+        if not _is_int(value) or value < low:
+            raise ValueError(f"data.dataset.{key}: {value!r} is not accepted; expected an int >= {low}")
+    if not _is_int(seed):
+        raise ValueError(f"data.dataset.seed: {seed!r} is not accepted; expected an int")
+    n_train, n_test, k, s = int(train_size), int(test_size), int(num_classes), int(seed)
+    return DataSource("synthetic", load=lambda: _synthetic(n_train, n_test, k, s), train_size=lambda: n_train)
 
 
 def _is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
-def load_dataset(
-    name: str,
-    root: str,
-    download: bool = False,
-    path: str | None = None,
-    synthetic_size: tuple[int, int] = (512, 256),
-    num_classes: int = 10,
-    seed: int = 0,
-) -> Dataset:
-    """Load a dataset whole, as uint8 tensors (see ``Dataset``).
+def _data_root(root: str) -> Path:
+    p = resolve_path(root, "data.dataset.root")
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"data.dataset.root: {p} exists but is not a folder; give a folder path")
+    return p
 
-    name: ``cifar10`` | ``cifar100`` (official python archives under ``root``) |
-        ``image_folder`` (``path``: folder or .tar.gz/.tgz/.tar of train/<class>/*,
-        test/<class>/*) | ``synthetic`` (no files).
-    root: the ONE data folder shared by all runs: archives, extracted folders and
-        ``cache/`` live here. ``~`` expanded; relative -> against the project root.
-    download: cifar only: download the official archive into ``root`` (md5 checked).
-    path: image_folder only; resolved like ``root``. An archive is extracted once into
-        ``<root>/<archive name without extension>/`` (reused if that folder exists).
-    synthetic_size: synthetic only: (n_train, n_test) images.
-    num_classes, seed: synthetic only.
-    """
-    if name not in DATASET_NAMES:
-        raise ValueError(f"data.name: {name!r} is not a known dataset; accepted: {list(DATASET_NAMES)}")
-    if name == "synthetic":
-        try:
-            sizes = tuple(synthetic_size)
-        except TypeError:
-            sizes = ()
-        if len(sizes) != 2 or not all(_is_int(v) and v > 0 for v in sizes):
-            raise ValueError(
-                f"data.synthetic_size: {synthetic_size!r}; expected [n_train, n_test], two positive integers"
-            )
-        if not _is_int(num_classes) or num_classes < 2:
-            raise ValueError(f"data.num_classes: {num_classes!r}; expected an integer >= 2")
-        if not _is_int(seed):
-            raise ValueError(f"seed: {seed!r}; expected an integer")
-        return _synthetic(int(sizes[0]), int(sizes[1]), int(num_classes), int(seed))
 
-    root_p = resolve_path(root, "data.root")
-    if root_p.exists() and not root_p.is_dir():
-        raise ValueError(f"data.root: {root_p} exists but is not a folder; give a folder path")
-    if name in _OFFICIAL:
-        ds = _load_official(name, root_p, bool(download))
-    else:
-        root_p.mkdir(parents=True, exist_ok=True)
-        ds = _load_image_folder(root_p, path)
+def _official(name: str, root: str, download: bool) -> DataSource:
+    root_p = _data_root(root)
+    n_train = _OFFICIAL[name][3]
+    return DataSource(name, load=lambda: _load_official(name, root_p, bool(download)), train_size=lambda: n_train)
+
+
+def dataset_source(data) -> DataSource:
+    """The DataSource a run's ``data`` config names (``data.dataset``: a ``_target_`` and its own
+    keys): train.py, the preview, evaluate and the tests build it here."""
+    import hydra
+
+    from imgcls.config import config_errors
+
+    with config_errors("data.dataset"):
+        source = hydra.utils.instantiate(data.dataset, _convert_="all")
+    if not isinstance(source, DataSource):
+        target = data.dataset.get("_target_")
+        raise ValueError(f"data.dataset._target_: {target} returned {type(source).__name__}; expected a DataSource")
+    return source
+
+
+def load_configured(data) -> Dataset:
+    """The Dataset a run's ``data`` config names, read whole."""
+    ds = dataset_source(data).load()
     log.debug("%s", describe(ds))  # train.py prints it once, with the validation split
     return ds
-
-
-def load_configured(data, seed: int) -> Dataset:
-    """The dataset a run's ``data`` config names (train.py, evaluate, and tests read it through
-    here); keys an option does not have (synthetic has no ``root``) take their defaults."""
-    return load_dataset(
-        name=data.name,
-        root=data.get("root", "data"),
-        download=data.get("download", False),
-        path=data.get("path"),
-        synthetic_size=tuple(data.get("synthetic_size", (512, 256))),
-        num_classes=data.get("num_classes") or 10,
-        seed=seed,
-    )
 
 
 def describe(ds: Dataset, val: int = 0) -> str:

@@ -2,7 +2,7 @@
 
     python -m imgcls.evaluate checkpoint=outputs/run1              # its best.pt (else last.pt), test split
     python -m imgcls.evaluate checkpoint=outputs/run1/checkpoints/last.pt split=val
-    python -m imgcls.evaluate checkpoint=outputs/run1 data.path=/other/folder   # same classes
+    python -m imgcls.evaluate checkpoint=outputs/run1 data.dataset.path=/other/folder   # same classes
     python -m imgcls.evaluate checkpoint=outputs/run1 weights=raw     # not the EMA/SWA weights
 
 The model is rebuilt from the config saved in the checkpoint (no overrides needed); ``data.*``
@@ -28,6 +28,7 @@ from imgcls.checkpoint import CheckpointError, load_checkpoint
 
 EXIT_BAD_INPUT = 2
 MODEL_PREFIX = "imgcls.models."  # the only model builders a checkpoint may name
+DATA_PREFIX = "imgcls.data."  # the only data builders a checkpoint may name
 
 
 # --------------------------------------------------------------------------------------
@@ -178,10 +179,17 @@ def load_split(cfg, data_overrides: dict, split: str):
     from imgcls.splits import val_indices
 
     d = cfg.data
+    target = str(OmegaConf.select(d, "dataset._target_", default=""))
+    if not target.startswith(DATA_PREFIX):
+        raise CheckpointError(
+            f"checkpoint config: data.dataset._target_ {target!r} is not accepted; expected a builder in "
+            f"{DATA_PREFIX[:-1]} (a checkpoint names no other code to run; one without data.dataset was "
+            "written by an older train.py)"
+        )
     with open_dict(d):
         for k, v in data_overrides.items():
             OmegaConf.update(d, k, v, merge=False)
-    ds = load_configured(d, cfg.trainer.seed)
+    ds = load_configured(d)
     if split == "test":
         return ds.test_images, ds.test_labels, ds.classes
     _, held = val_indices(ds.train_labels, d.get("val_size", 0))

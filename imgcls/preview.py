@@ -14,10 +14,11 @@ uses; step ``epochs x steps_per_epoch`` is the lr the run ends with (the last ``
 metrics.jsonl).
 
 Steps per epoch: ``--steps-per-epoch N`` stands for the batches the data would give;
-otherwise they come from the data config, without reading images: cifar10/cifar100 50,000
-training images, synthetic ``data.synthetic_size[0]``, image_folder the files under
-``data.path/train/<class>/`` (a folder; for an archive pass ``--steps-per-epoch``), divided
-by ``trainer.batch_size`` (the last partial batch is dropped). Either way
+otherwise they come from the data config, without reading images (the ``DataSource`` that
+``data.dataset`` builds counts them: cifar10/cifar100 50,000 training images, synthetic
+``data.dataset.train_size``, image_folder the files under ``train/<class>/`` of its folder or
+archive), less the validation split, divided by ``trainer.batch_size`` (the last partial
+batch is dropped). Either way
 ``trainer.limit_train_batches`` caps them, as in ``train.py``.
 
 A ReduceLROnPlateau phase is fed a synthetic test loss that stops improving at 30% of the
@@ -42,7 +43,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from imgcls.config import SchedulerStepper, _one_line, check_schedule_fits, config_errors
 
-TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000}  # official training-set sizes
 TABLE_ROWS = 10  # evenly spaced table rows (plus the first, the milestones and the end)
 PLATEAU_AT = 0.3  # the synthetic test loss stops improving at this fraction of the run
 EXIT_BAD_INPUT = 2  # as train.py: a config value was refused
@@ -99,52 +99,27 @@ def steps_per_epoch(cfg: DictConfig, given: int | None = None) -> tuple[int, str
 
 
 def train_set_size(cfg: DictConfig) -> tuple[int, str]:
-    """The number of training images the data config names, without reading them, less the
-    validation split (data.val_size) that train.py holds out of them."""
+    """The number of training images the data config names, counted by its DataSource without
+    reading them (a source that cannot count is loaded), less the validation split
+    (data.val_size) that train.py holds out of them."""
+    from imgcls.data import dataset_source
     from imgcls.splits import val_count
 
-    n, source = _named_train_size(cfg)
-    try:
-        held = val_count(cfg.data.get("val_size", 0), n)
-    except ValueError as e:
-        raise PreviewError(str(e)) from None
-    return (n - held, f"{source} - {held} held out for validation") if held else (n, source)
-
-
-def _named_train_size(cfg: DictConfig) -> tuple[int, str]:
-    d = cfg.data
-    name = d.name
-    if name in TRAIN_SIZES:
-        return TRAIN_SIZES[name], f"{name}: {TRAIN_SIZES[name]} train images"
-    if name == "synthetic":
-        size = d.get("synthetic_size", [512, 256])
-        try:
-            n = size[0]
-        except (TypeError, IndexError, KeyError):
-            n = None
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise PreviewError(f"data.synthetic_size: {size!r}; expected [n_train, n_test], two positive integers")
-        return n, f"synthetic: {n} train images"
-    if name == "image_folder":
-        return _image_folder_size(d)
-    raise PreviewError(f"data.name: {name!r} has no known training-set size; pass --steps-per-epoch N")
-
-
-def _image_folder_size(d: DictConfig) -> tuple[int, str]:
     hint = "or pass --steps-per-epoch N (N = training images // trainer.batch_size)"
-    if OmegaConf.is_missing(d, "path") or d.path in (None, ""):
-        value = "???" if OmegaConf.is_missing(d, "path") else repr(d.path)
-        raise PreviewError(f"data.path: {value}; data=image_folder needs data.path=FOLDER to count its images, {hint}")
-    from imgcls.data import _find_tree, _list_split, resolve_path  # the loader's own listing
-
-    src = resolve_path(d.path, "data.path")
-    if not src.is_dir():
-        what = "is a file (an archive is not extracted for a preview)" if src.is_file() else "does not exist"
-        raise PreviewError(f"data.path: {src} {what}; give the folder with train/<class>/*, {hint}")
-    tree = _find_tree(src)
-    classes, files = _list_split(tree / "train")
-    n = sum(len(fs) for fs in files)
-    return n, f"image_folder: {n} train images in {len(classes)} classes under {tree / 'train'}"
+    missing = sorted(OmegaConf.missing_keys(cfg.data.dataset))
+    if missing:
+        raise PreviewError(f"data.dataset.{missing[0]}: ??? (no value) is not accepted; pass it, {hint}")
+    try:
+        source = dataset_source(cfg.data)
+        if source.train_size is not None:
+            n, how = source.train_size(), "train images"
+        else:
+            n, how = len(source.load().train_labels), "train images (loaded: its source does not count them)"
+        held = val_count(cfg.data.get("val_size", 0), n)
+    except (ValueError, OSError) as e:
+        raise PreviewError(f"{_one_line(e)}; {hint}") from None
+    what = f"{source.name}: {n} {how}"
+    return (n - held, f"{what} - {held} held out for validation") if held else (n, what)
 
 
 # --------------------------------------------------------------------------------------

@@ -1,20 +1,20 @@
 """The config schema: dataclasses for the fixed-shape parts of the config.
 
-Registered in Hydra's ConfigStore by ``register_configs()`` and named in the defaults lists of
-``conf/config.yaml`` (the top level, ``trainer``, ``schedule``) and of each ``conf/data/*.yaml``
-option, so OmegaConf itself refuses, while the config is composed (before torch is imported),
-a key the schema does not have (``trainer.epoch=3``, with or without ``+``) and a value of the
+Registered in Hydra's ConfigStore by ``register_configs()`` and named in the defaults list of
+``conf/config.yaml`` (the top level, ``trainer``, ``schedule``, ``data``), so OmegaConf itself
+refuses, while the config is composed (before torch is imported), a key the schema does not have (``trainer.epoch=3``, with or without ``+``) and a value of the
 wrong type (``trainer.epochs=2.5``). Range checks a type cannot express (lr > 0,
 label_smoothing in [0, 1), one of a few strings) are in ``imgcls.config.validate_config``.
 
-The open-ended groups (model, optimizer, scheduler, logger: any ``_target_``) stay free-form.
+The open-ended parts (model, optimizer, scheduler, logger, data.dataset: any ``_target_``) stay
+free-form: a builder's own signature refuses a key it does not take.
 This module imports neither torch nor the project's components.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, List, Optional
+from typing import Any, Optional
 
 from omegaconf import MISSING
 
@@ -54,48 +54,24 @@ class ScheduleConfig:
     allow_truncated: bool = False  # true: run a schedule whose phases do not fit (a warning)
 
 
-# ---- data options: each takes only its own keys ---------------------------------------
 @dataclass
-class Augmentation:
+class DataConfig:
+    """``data``: the dataset (a free-form ``_target_`` with its own keys, as a model is), and how
+    train.py splits and augments it (the same keys for every dataset)."""
+
+    dataset: Any = MISSING  # a builder returning imgcls.data.DataSource (conf/data/<option>.yaml)
+    val_size: Any = 0  # validation images held out of train: an int, or a fraction in (0, 1); 0: off
+    num_classes: Optional[int] = None  # filled in from the dataset by train.py (evaluate reads it)
     crop_padding: int = 4  # random-crop translation, in pixels (reflect padding)
     flip: bool = True  # random horizontal flip
     alternating_flip: bool = False  # airbench: each image flipped in one of every two epochs
 
 
 @dataclass
-class CifarData(Augmentation):
-    NAMES: ClassVar[tuple] = ("cifar10", "cifar100")
-    name: str = "cifar10"  # cifar10 | cifar100
-    root: str = "data"
-    download: bool = True
-    val_size: Any = 5000  # validation images held out of train (an int) or a fraction; 0: off
-    num_classes: int = 10
-
-
-@dataclass
-class ImageFolderData(Augmentation):
-    NAMES: ClassVar[tuple] = ("image_folder",)
-    name: str = "image_folder"
-    root: str = "data"
-    path: str = MISSING  # the folder (or archive) with train/<class>/*, test/<class>/*
-    val_size: Any = 0.1  # validation split: a fraction of train (or a number of images); 0: off
-    num_classes: Optional[int] = None  # taken from the class folders
-
-
-@dataclass
-class SyntheticData(Augmentation):
-    NAMES: ClassVar[tuple] = ("synthetic",)
-    name: str = "synthetic"
-    val_size: Any = 0  # no validation split by default (smoke runs)
-    num_classes: int = 10
-    synthetic_size: List[int] = field(default_factory=lambda: [512, 256])  # [train, test] images
-
-
-@dataclass
 class Config:
-    """The top level. ``data`` gets its option's schema from the option's defaults list."""
+    """The top level."""
 
-    data: Any = MISSING
+    data: DataConfig = field(default_factory=DataConfig)
     model: Any = MISSING
     optimizer: Any = MISSING
     scheduler: Any = MISSING
@@ -106,12 +82,7 @@ class Config:
     resume_force: bool = False
 
 
-SCHEMAS = {  # ConfigStore name -> node; conf/ names them in its defaults lists
-    "base_config": Config,
-    "schema/data/cifar": CifarData,
-    "schema/data/image_folder": ImageFolderData,
-    "schema/data/synthetic": SyntheticData,
-}
+SCHEMAS = {"base_config": Config}  # ConfigStore name -> node; conf/config.yaml names it in its defaults list
 
 
 def register_configs() -> None:

@@ -36,7 +36,7 @@ TIERS = {
         "test_averaging",
         "test_precision",
     ),
-    "integration": ("test_bad_input", "test_evaluate"),
+    "integration": ("test_bad_input", "test_evaluate", "test_recipe"),
     "system": (
         "test_train",
         "test_faults",
@@ -154,6 +154,16 @@ def build_recipe(*overrides: str):
     model = train.build_model(cfg, data.num_classes, device)
     optimizer = train.build_optimizer(cfg, model, device)
     return cfg, device, data, model, optimizer, train.build_scheduler(cfg, optimizer)
+
+
+def run_recipe(run_dir: Path, *overrides: str):
+    """train.py's recipe in this process (the integration tier): the config composed from
+    ``overrides`` as train.py's Hydra composes it, run into ``run_dir``; returns what main()
+    returns. A refused input raises (main turns it into exit code 2); stdout is the run's own."""
+    import train
+    from imgcls.config import compose_config
+
+    return train.recipe(compose_config(list(overrides))[0], Path(run_dir))
 
 
 def run_until_sigterm(run_dir, overrides, after_lines: int, timeout: float = 120) -> subprocess.CompletedProcess:

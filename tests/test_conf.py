@@ -20,7 +20,7 @@ from imgcls.config import SchedulerStepper, compose_config, config_changes, vali
 CONF = Path(__file__).resolve().parent.parent / "conf"
 OPTIONS = sorted((str(p.parent.relative_to(CONF)), p.stem) for p in CONF.rglob("*.yaml") if p.parent != CONF)
 # What an option needs from outside to compose (image_folder has no default path).
-NEEDS = {("data", "image_folder"): ["data.path=/some/folder"]}
+NEEDS = {("data", "image_folder"): ["data.dataset.path=/some/folder"]}
 # Options that need an optional extra: the _target_ they name -> the package (and extra).
 OPTIONAL = {"timm_model": "timm", "WandbLogger": "wandb", "MLflowLogger": "mlflow"}
 
@@ -118,18 +118,22 @@ def test_smoke_preset_fits_every_model(model):
     none of resnet9's keys, and builds and runs a forward pass."""
     cfg = compose_with("experiment=smoke", f"model={model}")
     validate_config(cfg)
-    net = instantiate(cfg.model)(num_classes=cfg.data.num_classes)
-    assert net(torch.randn(2, 3, 32, 32)).shape == (2, cfg.data.num_classes)
+    net = instantiate(cfg.model)(num_classes=cfg.data.dataset.num_classes)
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, cfg.data.dataset.num_classes)
 
 
 def test_resume_tolerates_where_the_data_lives_not_what_it_is():
-    """config_changes on resume: data.root (and data.download) are safe, any other data key
-    is structural (refused without resume_force), as model/optimizer/scheduler keys are."""
-    saved = {"data": {"name": "cifar10", "root": "data", "download": True, "crop_padding": 4}, "trainer": {"epochs": 2}}
+    """config_changes on resume: data.dataset.root (and data.dataset.download) are safe, any other
+    data key is structural (refused without resume_force), as model/optimizer/scheduler keys are."""
+    cifar = {"_target_": "imgcls.data.cifar10", "root": "data", "download": True}
+    saved = {"data": {"dataset": cifar, "crop_padding": 4}, "trainer": {"epochs": 2}}
     moved = {
-        "data": {"name": "cifar10", "root": "/mnt/data", "download": False, "crop_padding": 4},
+        "data": {"dataset": {**cifar, "root": "/mnt/data", "download": False}, "crop_padding": 4},
         "trainer": {"epochs": 3},
     }
-    assert config_changes(saved, moved) == ([], ["data.download", "data.root", "trainer.epochs"])
-    other = {"data": {**saved["data"], "crop_padding": 2, "name": "cifar100"}, "trainer": {"epochs": 2}}
-    assert config_changes(saved, other) == (["data.crop_padding", "data.name"], [])
+    assert config_changes(saved, moved) == ([], ["data.dataset.download", "data.dataset.root", "trainer.epochs"])
+    other = {
+        "data": {"dataset": {**cifar, "_target_": "imgcls.data.cifar100"}, "crop_padding": 2},
+        "trainer": {"epochs": 2},
+    }
+    assert config_changes(saved, other) == (["data.crop_padding", "data.dataset._target_"], [])

@@ -7,7 +7,6 @@ import io
 import os
 import pickle
 import tarfile
-import time
 import urllib.error
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torchvision
 from PIL import Image
 
 from imgcls import data as D
-from imgcls.data import DataNotFoundError, DeviceLoader, load_dataset
+from imgcls.data import DataNotFoundError, DeviceLoader, cifar10, cifar100, image_folder, synthetic
 from tests.conftest import extract_cifar_subset
 
 # --------------------------------------------------------------------------------------
@@ -98,7 +97,7 @@ def _make_cifar10(tmp_path: Path, monkeypatch) -> tuple[Path, dict]:
 
 def test_cifar10_official_archive_exact_pixels_labels_and_stats(tmp_path, monkeypatch):
     root, exp = _make_cifar10(tmp_path, monkeypatch)
-    ds = load_dataset("cifar10", root=str(root))
+    ds = cifar10(root=str(root), download=False).load()
     assert ds.train_images.dtype == torch.uint8 and ds.train_images.is_contiguous()
     assert ds.train_images.shape == (15, 3, 32, 32) and ds.test_images.shape == (4, 3, 32, 32)
     assert torch.equal(ds.train_images, torch.from_numpy(exp["train_images"]))
@@ -114,7 +113,7 @@ def test_cifar10_official_archive_exact_pixels_labels_and_stats(tmp_path, monkey
     caches = list((root / "cache").glob("cifar10-*.pt"))
     assert len(caches) == 1
     # second load: from the cache, same content; no temp files left behind
-    ds2 = load_dataset("cifar10", root=str(root))
+    ds2 = cifar10(root=str(root), download=False).load()
     assert torch.equal(ds2.train_images, ds.train_images) and ds2.mean == ds.mean
     assert sorted(p.name for p in root.iterdir()) == ["cache", "cifar-10-batches-py", "cifar-10-python.tar.gz"]
     assert [p.name for p in (root / "cache").iterdir()] == [caches[0].name]
@@ -150,7 +149,7 @@ def test_cifar100_official_archive_fine_labels(tmp_path, monkeypatch):
     root = tmp_path / "root"
     archive = _tar_gz(folder, "cifar-100-python", (root.mkdir() or root) / "cifar-100-python.tar.gz")
     monkeypatch.setattr(torchvision.datasets.CIFAR100, "tgz_md5", _md5(archive))
-    ds = load_dataset("cifar100", root=str(root))
+    ds = cifar100(root=str(root), download=False).load()
     assert torch.equal(ds.train_images, torch.from_numpy(xtr))
     assert torch.equal(ds.test_images, torch.from_numpy(xte))
     assert ds.train_labels.tolist() == [99, 0, 42, 7, 7, 1]
@@ -165,7 +164,7 @@ def test_tampered_archive_is_refused_and_nothing_is_created(tmp_path, monkeypatc
         f.write(b"tampered")
     for download in (False, True):  # never used, never silently replaced
         with pytest.raises(ValueError) as ei:
-            load_dataset("cifar10", root=str(root), download=download)
+            cifar10(root=str(root), download=download).load()
         msg = str(ei.value)
         assert str(archive) in msg and "checksum" in msg and "elete" in msg
     assert sorted(p.name for p in root.iterdir()) == ["cifar-10-python.tar.gz"]
@@ -174,13 +173,13 @@ def test_tampered_archive_is_refused_and_nothing_is_created(tmp_path, monkeypatc
 def test_absent_archive_one_clear_error(tmp_path):
     root = tmp_path / "nothing-here"
     with pytest.raises(DataNotFoundError) as ei:
-        load_dataset("cifar10", root=str(root), download=False)
+        cifar10(root=str(root), download=False).load()
     assert isinstance(ei.value, FileNotFoundError)
     msg = str(ei.value)
     for s in (
         str(root / "cifar-10-python.tar.gz"),
-        "data.download",
-        "data.root",
+        "data.dataset.download",
+        "data.dataset.root",
         "data=image_folder",
         "experiment=smoke",
     ):
@@ -194,7 +193,7 @@ def test_failed_download_gives_the_same_clear_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(D, "download_and_extract_archive", offline)
     with pytest.raises(DataNotFoundError) as ei:
-        load_dataset("cifar100", root=str(tmp_path), download=True)
+        cifar100(root=str(tmp_path), download=True).load()
     msg = str(ei.value)
     assert "no network" in msg and str(tmp_path / "cifar-100-python.tar.gz") in msg
     assert "experiment=smoke" in msg and "data=image_folder" in msg
@@ -204,15 +203,27 @@ def test_relative_root_is_resolved_against_project_root_not_cwd(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     rel = "no-such-data-dir-for-tests"
     with pytest.raises(DataNotFoundError) as ei:
-        load_dataset("cifar10", root=rel)
+        cifar10(root=rel, download=False).load()
     assert str(D.PROJECT_ROOT / rel / "cifar-10-python.tar.gz") in str(ei.value)
     assert not (D.PROJECT_ROOT / rel).exists() and not (tmp_path / rel).exists()
     assert D.resolve_path("~/x") == Path(os.path.expanduser("~/x"))
 
 
-def test_unknown_name_lists_the_accepted_ones(tmp_path):
-    with pytest.raises(ValueError, match=r"data\.name: 'imagenet'.*cifar10.*cifar100.*image_folder.*synthetic"):
-        load_dataset("imagenet", root=str(tmp_path))
+def test_a_data_option_is_a_builder_of_its_own_keys():
+    from omegaconf import OmegaConf
+
+    from imgcls.data import dataset_source
+
+    def data(**dataset):
+        return OmegaConf.create({"dataset": dataset})
+
+    src = dataset_source(data(_target_="imgcls.data.synthetic", train_size=96, test_size=8, seed=1))
+    assert (src.name, src.train_size()) == ("synthetic", 96)
+    with pytest.raises(ValueError, match=r"^data\.dataset: .*unexpected keyword argument 'path'"):
+        dataset_source(data(_target_="imgcls.data.synthetic", path="x"))  # a key of another option
+    with pytest.raises(ValueError, match=r"^data\.dataset\._target_: imgcls\.data\.resolve_path returned .*DataSource"):
+        dataset_source(data(_target_="imgcls.data.resolve_path", value="x"))  # not a data option
+    assert cifar10(root="unused-root", download=False).train_size() == 50_000  # no file read
 
 
 # --------------------------------------------------------------------------------------
@@ -244,7 +255,9 @@ def _expected(arrs: dict, split: str) -> torch.Tensor:
 
 def test_image_folder_png_exact(tmp_path):
     arrs = _make_tree(tmp_path / "tree")
-    ds = load_dataset("image_folder", root=str(tmp_path / "root"), path=str(tmp_path / "tree"))
+    source = image_folder(str(tmp_path / "tree"), root=str(tmp_path / "root"))
+    assert source.train_size() == 6  # listed, not decoded
+    ds = source.load()
     assert ds.classes == ["cat", "dog"]
     assert ds.train_labels.tolist() == [0, 0, 0, 1, 1, 1] and ds.test_labels.tolist() == [0, 0, 1, 1]
     assert ds.train_images.shape == (6, 3, H, W) and ds.train_images.is_contiguous()
@@ -255,7 +268,7 @@ def test_image_folder_png_exact(tmp_path):
 
 def test_image_folder_jpeg(tmp_path):
     arrs = _make_tree(tmp_path / "tree", fmt="jpg")
-    ds = load_dataset("image_folder", root=str(tmp_path / "root"), path=str(tmp_path / "tree"))
+    ds = image_folder(str(tmp_path / "tree"), root=str(tmp_path / "root")).load()
     assert ds.train_images.shape == (6, 3, H, W) and ds.train_images.dtype == torch.uint8
     assert ds.train_labels.tolist() == [0, 0, 0, 1, 1, 1]
     # JPEG is lossy: close to, not equal with, what was written
@@ -270,8 +283,11 @@ def test_image_folder_archive_extracted_once(tmp_path, monkeypatch, suffix, mode
     with tarfile.open(archive, mode) as tf:
         tf.add(tmp_path / "build" / "mytree", arcname="mytree")  # under a single top folder
     root = tmp_path / "root"
-    ds = load_dataset("image_folder", root=str(root), path=str(archive))
+    source = image_folder(str(archive), root=str(root))
+    assert source.train_size() == 6 and not root.exists()  # counted from the member list: nothing written
+    ds = source.load()
     assert (root / "images" / "mytree" / "train" / "cat").is_dir()
+    assert source.train_size() == len(ds.train_labels) == 6  # counted in the extracted folder
     assert torch.equal(ds.train_images, _expected(arrs, "train"))
     assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temp folders left
 
@@ -279,7 +295,7 @@ def test_image_folder_archive_extracted_once(tmp_path, monkeypatch, suffix, mode
         raise AssertionError("extracted twice")
 
     monkeypatch.setattr(D, "_extract_atomic", no_extract)
-    ds2 = load_dataset("image_folder", root=str(root), path=str(archive))
+    ds2 = image_folder(str(archive), root=str(root)).load()
     assert torch.equal(ds2.test_images, ds.test_images)
 
 
@@ -292,7 +308,7 @@ def test_image_folder_archive_with_dotdot_member_is_refused(tmp_path):
         tf.addfile(info, io.BytesIO(payload))
     root = tmp_path / "root"
     with pytest.raises(ValueError, match=r"\.\./escape\.txt"):
-        load_dataset("image_folder", root=str(root), path=str(archive))
+        image_folder(str(archive), root=str(root)).load()
     assert not (tmp_path / "escape.txt").exists() and not (root / "evil").exists()
 
 
@@ -301,7 +317,7 @@ def test_image_folder_mixed_sizes_names_file_and_sizes(tmp_path):
     bad = tmp_path / "tree" / "train" / "dog" / "001.png"
     Image.fromarray(np.zeros((5, 9, 3), np.uint8)).save(bad)
     with pytest.raises(ValueError) as ei:
-        load_dataset("image_folder", root=str(tmp_path / "root"), path=str(tmp_path / "tree"))
+        image_folder(str(tmp_path / "tree"), root=str(tmp_path / "root")).load()
     msg = str(ei.value)
     assert str(bad) in msg and "9x5" in msg and f"{W}x{H}" in msg
 
@@ -311,7 +327,7 @@ def test_image_folder_mixed_sizes_across_splits(tmp_path):
     bad = tmp_path / "tree" / "test" / "cat" / "000.png"
     Image.fromarray(np.zeros((7, 7, 3), np.uint8)).save(bad)
     with pytest.raises(ValueError, match=str(bad).replace(".", r"\.")):
-        load_dataset("image_folder", root=str(tmp_path / "root"), path=str(tmp_path / "tree"))
+        image_folder(str(tmp_path / "tree"), root=str(tmp_path / "root")).load()
 
 
 def test_image_folder_non_image_file_names_it(tmp_path):
@@ -319,7 +335,7 @@ def test_image_folder_non_image_file_names_it(tmp_path):
     bad = tmp_path / "tree" / "train" / "cat" / "notes.txt"
     bad.write_text("not an image")
     with pytest.raises(ValueError) as ei:
-        load_dataset("image_folder", root=str(tmp_path / "root"), path=str(tmp_path / "tree"))
+        image_folder(str(tmp_path / "tree"), root=str(tmp_path / "root")).load()
     assert str(bad) in str(ei.value)
     assert not (tmp_path / "root" / "cache").exists() or not list((tmp_path / "root" / "cache").iterdir())
 
@@ -329,7 +345,7 @@ def test_image_folder_empty_class_folder_names_it(tmp_path):
     empty = tmp_path / "tree" / "train" / "emu"
     empty.mkdir()
     with pytest.raises(ValueError, match="empty class folder") as ei:
-        load_dataset("image_folder", root=str(tmp_path / "root"), path=str(tmp_path / "tree"))
+        image_folder(str(tmp_path / "tree"), root=str(tmp_path / "root")).load()
     assert str(empty) in str(ei.value)
 
 
@@ -337,22 +353,22 @@ def test_image_folder_test_classes_must_match(tmp_path):
     _make_tree(tmp_path / "tree")
     (tmp_path / "tree" / "test" / "dog").rename(tmp_path / "tree" / "test" / "wolf")
     with pytest.raises(ValueError, match="same class names"):
-        load_dataset("image_folder", root=str(tmp_path / "root"), path=str(tmp_path / "tree"))
+        image_folder(str(tmp_path / "tree"), root=str(tmp_path / "root")).load()
 
 
 def test_image_folder_missing_path(tmp_path):
     missing = tmp_path / "nope"
     with pytest.raises(ValueError) as ei:
-        load_dataset("image_folder", root=str(tmp_path / "root"), path=str(missing))
-    assert "data.path" in str(ei.value) and str(missing) in str(ei.value)
-    with pytest.raises(ValueError, match="data.path"):
-        load_dataset("image_folder", root=str(tmp_path / "root"), path=None)
+        image_folder(str(missing), root=str(tmp_path / "root"))
+    assert "data.dataset.path" in str(ei.value) and str(missing) in str(ei.value)
+    with pytest.raises(ValueError, match="data.dataset.path"):
+        image_folder(None, root=str(tmp_path / "root"))
 
 
 def test_image_folder_cache_written_once_reused_and_invalidated(tmp_path, monkeypatch):
     _make_tree(tmp_path / "tree")
     root, tree = tmp_path / "root", tmp_path / "tree"
-    ds1 = load_dataset("image_folder", root=str(root), path=str(tree))
+    ds1 = image_folder(str(tree), root=str(root)).load()
     caches = list((root / "cache").glob("image_folder-*.pt"))
     assert len(caches) == 1
     stamp = caches[0].stat().st_mtime_ns
@@ -363,7 +379,7 @@ def test_image_folder_cache_written_once_reused_and_invalidated(tmp_path, monkey
         raise AssertionError("decoded again despite the cache")
 
     monkeypatch.setattr(Image, "open", no_decode)
-    ds2 = load_dataset("image_folder", root=str(root), path=str(tree))
+    ds2 = image_folder(str(tree), root=str(root)).load()
     assert torch.equal(ds2.train_images, ds1.train_images) and ds2.classes == ds1.classes
     assert ds2.mean == ds1.mean and ds2.std == ds1.std
     assert caches[0].stat().st_mtime_ns == stamp
@@ -373,13 +389,13 @@ def test_image_folder_cache_written_once_reused_and_invalidated(tmp_path, monkey
     monkeypatch.setattr(Image, "open", real_open)
     f = tree / "train" / "cat" / "000.png"
     os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
-    load_dataset("image_folder", root=str(root), path=str(tree))
+    image_folder(str(tree), root=str(root)).load()
     now = list((root / "cache").glob("image_folder-*.pt"))
     assert len(now) == 1 and now != caches
     # another source keeps its own cache beside it
     other = tmp_path / "other"
     _make_tree(other)
-    load_dataset("image_folder", root=str(root), path=str(other))
+    image_folder(str(other), root=str(root)).load()
     assert len(list((root / "cache").glob("image_folder-*.pt"))) == 2
 
 
@@ -389,12 +405,9 @@ def test_image_folder_cache_written_once_reused_and_invalidated(tmp_path, monkey
 
 
 def test_synthetic_deterministic_shapes_fast_and_learnable():
-    t0 = time.perf_counter()
-    a = load_dataset("synthetic", root="unused", synthetic_size=(512, 256), num_classes=10, seed=3)
-    elapsed = time.perf_counter() - t0
-    b = load_dataset("synthetic", root="unused", synthetic_size=[512, 256], num_classes=10, seed=3)
-    c = load_dataset("synthetic", root="unused", synthetic_size=(512, 256), num_classes=10, seed=4)
-    assert elapsed < 1.0  # ~0.05 s; generous for a loaded CI machine
+    a = synthetic(512, 256, num_classes=10, seed=3).load()
+    b = synthetic(512, 256, num_classes=10, seed=3).load()
+    c = synthetic(512, 256, num_classes=10, seed=4).load()
     assert a.train_images.shape == (512, 3, 32, 32) and a.test_images.shape == (256, 3, 32, 32)
     assert a.train_images.dtype == torch.uint8 and a.train_labels.dtype == torch.int64
     assert torch.equal(a.train_images, b.train_images) and torch.equal(a.test_labels, b.test_labels)
@@ -408,10 +421,10 @@ def test_synthetic_deterministic_shapes_fast_and_learnable():
 
 
 def test_synthetic_bad_config():
-    with pytest.raises(ValueError, match="data.synthetic_size"):
-        load_dataset("synthetic", root="x", synthetic_size=(10,))
-    with pytest.raises(ValueError, match="data.num_classes"):
-        load_dataset("synthetic", root="x", num_classes=1)
+    with pytest.raises(ValueError, match=r"data\.dataset\.test_size: 0 is not accepted; expected an int >= 1"):
+        synthetic(10, 0)
+    with pytest.raises(ValueError, match=r"data\.dataset\.num_classes: 1 is not accepted"):
+        synthetic(512, 256, num_classes=1)
 
 
 # --------------------------------------------------------------------------------------
@@ -573,7 +586,7 @@ def test_loader_bad_arguments():
 @pytest.mark.slow
 def test_real_cifar10_jpeg_subset(tmp_path):
     sub = extract_cifar_subset(tmp_path / "cifar10-sub", {"train": 200, "test": 100})
-    ds = load_dataset("image_folder", root=str(tmp_path), path=str(sub))
+    ds = image_folder(str(sub), root=str(tmp_path)).load()
     assert ds.classes == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     assert ds.train_images.shape == (2000, 3, 32, 32) and ds.test_images.shape == (1000, 3, 32, 32)
     assert torch.bincount(ds.train_labels).tolist() == [200] * 10

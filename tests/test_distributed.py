@@ -51,10 +51,10 @@ def _rank_batches(rank: int, world: int, init_file: str, out_dir: str) -> None:
     """One gloo rank: its share of every batch of two epochs, gathered onto rank 0."""
     import torch.distributed as td
 
-    from imgcls.data import DeviceLoader, load_dataset
+    from imgcls.data import DeviceLoader, synthetic
 
     td.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    ds = load_dataset("synthetic", root="data", synthetic_size=(96, 8), seed=3)
+    ds = synthetic(96, 8, seed=3).load()
     loader = DeviceLoader(
         ds.train_images,
         ds.train_labels,
@@ -82,11 +82,11 @@ def _rank_batches(rank: int, world: int, init_file: str, out_dir: str) -> None:
 def test_two_gloo_ranks_see_the_global_batches_of_one_process(tmp_path):
     import torch.multiprocessing as mp
 
-    from imgcls.data import DeviceLoader, load_dataset
+    from imgcls.data import DeviceLoader, synthetic
 
     mp.spawn(_rank_batches, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     ranked = torch.load(tmp_path / "batches.pt", weights_only=False)
-    ds = load_dataset("synthetic", root="data", synthetic_size=(96, 8), seed=3)
+    ds = synthetic(96, 8, seed=3).load()
     alone = DeviceLoader(
         ds.train_images, ds.train_labels, 16, device="cpu", mean=ds.mean, std=ds.std, train=True, seed=3
     )

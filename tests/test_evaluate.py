@@ -13,17 +13,13 @@ from PIL import Image
 
 from imgcls import evaluate, predict
 from imgcls.checkpoint import save_checkpoint
-from imgcls.data import DeviceLoader, load_dataset
+from imgcls.data import DeviceLoader, synthetic
 
 CONFIG = {
     "model": {"_target_": "imgcls.models.resnet9", "_partial_": True, "width": 4, "scale_out": 0.125},
     "data": {
-        "name": "synthetic",
-        "root": "data",
-        "download": False,
-        "path": None,
+        "dataset": {"_target_": "imgcls.data.synthetic", "train_size": 128, "test_size": 64, "num_classes": 4},
         "num_classes": 4,
-        "synthetic_size": [128, 64],
         "val_size": 32,
     },
     "trainer": {"precision": "fp32", "tta_flip": False, "eval_batch_size": 50, "seed": 0},
@@ -34,7 +30,7 @@ def make_checkpoint(path, config=CONFIG, steps=3):
     """A resnet9 trained a few steps on the synthetic data, saved as train.py saves it."""
     from imgcls.models import resnet9
 
-    ds = load_dataset("synthetic", "data", synthetic_size=(128, 64), num_classes=4, seed=0)
+    ds = synthetic(128, 64, num_classes=4, seed=0).load()
     torch.manual_seed(0)
     model = resnet9(num_classes=4, width=4)
     opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
@@ -100,7 +96,9 @@ class _Evil:
         return (os.system, ("touch PWNED",))
 
 
-@pytest.mark.parametrize("kind", ["missing", "garbage", "crafted", "foreign_target", "class_mismatch", "empty_dir"])
+@pytest.mark.parametrize(
+    "kind", ["missing", "garbage", "crafted", "foreign_target", "foreign_data", "class_mismatch", "empty_dir"]
+)
 def test_bad_checkpoints_and_data_exit_2_in_one_line(tmp_path, capsys, monkeypatch, kind):
     monkeypatch.chdir(tmp_path)
     ckpt = tmp_path / "c.pt"
@@ -111,9 +109,12 @@ def test_bad_checkpoints_and_data_exit_2_in_one_line(tmp_path, capsys, monkeypat
         ckpt.write_bytes(pickle.dumps({"model": _Evil()}))
     elif kind == "foreign_target":
         make_checkpoint(ckpt, config={**CONFIG, "model": {**CONFIG["model"], "_target_": "os.system"}}, steps=0)
+    elif kind == "foreign_data":
+        dataset = {"_target_": "os.system", "command": "touch PWNED"}
+        make_checkpoint(ckpt, config={**CONFIG, "data": {**CONFIG["data"], "dataset": dataset}}, steps=0)
     elif kind == "class_mismatch":
         make_checkpoint(ckpt, steps=0)
-        args.append("data.num_classes=5")
+        args.append("data.dataset.num_classes=5")
     elif kind == "empty_dir":
         args = [f"checkpoint={tmp_path}"]
     assert evaluate.main(args) == 2
@@ -124,6 +125,7 @@ def test_bad_checkpoints_and_data_exit_2_in_one_line(tmp_path, capsys, monkeypat
         "garbage": "cannot be loaded",
         "crafted": "weights_only",
         "foreign_target": "model._target_ 'os.system' is not accepted",
+        "foreign_data": "data.dataset._target_ 'os.system' is not accepted",
         "class_mismatch": "do not match",
         "empty_dir": "without checkpoints/best.pt",
     }[kind]

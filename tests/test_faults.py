@@ -25,8 +25,8 @@ Every test drives `python train.py experiment=smoke ...` in subprocesses (CPU, s
 5. Resuming with a changed config: model / optimizer / scheduler changes are refused (exit 2,
    the differing keys listed, last.pt byte-identical); resume_force=true loads when shapes fit and
    fails cleanly when they do not; trainer.epochs / trainer.eval_every are accepted and logged.
-   data.synthetic_size is refused like a model change (exit 2, listed, last.pt unchanged);
-   data.root (where the data lives) is accepted: tests/test_conf.py (synthetic data has no root).
+   data.dataset.train_size is refused like a model change (exit 2, listed, last.pt unchanged);
+   data.dataset.root (where the data lives) is accepted: tests/test_conf.py (synthetic data has no root).
 6. Non-finite loss: a fresh run with optimizer.lr=1e10 exits 3 pointing at skip_nonfinite and
    saves no non-finite weights; resuming a good run with model.scale_out=1e39 exits 3 with last.pt
    byte-identical; with trainer.skip_nonfinite=true the same run finishes with skipped_steps > 0.
@@ -402,7 +402,7 @@ def test_changed_config_on_resume_is_refused_forced_or_logged(tmp_path, one_epoc
     }
     cases = {
         **{o: [o] for o in refused},
-        "data.synthetic_size": ["data.synthetic_size=[256,128]"],
+        "data.dataset.train_size": ["data.dataset.train_size=256"],
         "force": ["optimizer.lr=0.1", "resume_force=true"],
         "force-misfit": ["model.width=16", "resume_force=true"],
         "safe": ["trainer.epochs=3", "trainer.eval_every=3"],
@@ -423,9 +423,9 @@ def test_changed_config_on_resume_is_refused_forced_or_logged(tmp_path, one_epoc
         assert _sha(dirs[override] / "checkpoints" / "last.pt") == original
         assert "step=" not in procs[override].stdout
 
-    # data.synthetic_size changes the data and steps per epoch: refused like a model change
-    _assert_clean_error(procs["data.synthetic_size"], 2, "differing keys: data.synthetic_size")
-    assert _sha(dirs["data.synthetic_size"] / "checkpoints" / "last.pt") == original
+    # data.dataset.train_size changes the data and steps per epoch: refused like a model change
+    _assert_clean_error(procs["data.dataset.train_size"], 2, "differing keys: data.dataset.train_size")
+    assert _sha(dirs["data.dataset.train_size"] / "checkpoints" / "last.pt") == original
 
     forced = procs["force"]
     assert forced.returncode == 0, forced.stderr

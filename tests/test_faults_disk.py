@@ -12,7 +12,7 @@ reason. Each tmpfs is unmounted when its test ends, passed or failed. The cases 
 3. The resolved config on a full disk, and a read-only run directory: exit 4, one line.
 4. results.json, a logger's file and the sweep summary on a full or read-only disk (in-process):
    a WriteFault (exit 4 in train.py) naming the file; what was written before is intact.
-5. A data root too small for the extraction: exit 4, one line that says the disk under data.root
+5. A data root too small for the extraction: exit 4, one line that says the disk under data.dataset.root
    is full, how much is needed and that nothing was left behind (never "delete the archive").
 6. A data root too small for the data cache: one warning line, training goes on from memory.
 7. A new cache of the same source replaces the superseded one (on a disk with room for one only).
@@ -360,17 +360,17 @@ def test_a_full_data_root_stops_extraction_or_only_the_cache(tmp_path, tmpfs):
     digest = _sha(archive)
     no_room = tmpfs("no_room", str(_pages(extracted // 2)))  # half of the images fit
     no_cache = tmpfs("no_cache", str(_pages(extracted + cache // 2)))  # the images fit, the cache not
-    data = [*SMOKE, "data=image_folder", "data.val_size=0", f"data.path={archive}"]
+    data = [*SMOKE, "data=image_folder", "data.val_size=0", f"data.dataset.path={archive}"]
     stopped, cacheless = _parallel(
-        lambda: _run(*data, f"data.root={no_room}", f"hydra.run.dir={tmp_path / 'run1'}"),
-        lambda: _run(*data, f"data.root={no_cache}", f"hydra.run.dir={tmp_path / 'run2'}"),
+        lambda: _run(*data, f"data.dataset.root={no_room}", f"hydra.run.dir={tmp_path / 'run1'}"),
+        lambda: _run(*data, f"data.dataset.root={no_cache}", f"hydra.run.dir={tmp_path / 'run2'}"),
     )
 
     line = _assert_clean_error(
         stopped,
         4,
         f"cannot extract {archive}",
-        f"the disk under data.root {no_room} is full",
+        f"the disk under data.dataset.root {no_room} is full",
         "the extraction needs about",
         "the data cache about",
         "nothing was left behind",
@@ -390,12 +390,12 @@ def test_a_full_data_root_stops_extraction_or_only_the_cache(tmp_path, tmpfs):
 
 
 def test_a_new_cache_replaces_the_superseded_one_of_the_same_source(tmp_path, tmpfs, caplog):
-    from imgcls.data import load_dataset
+    from imgcls.data import image_folder
 
     archive = tmp_path / "tiny.tar.gz"
     extracted, cache = _image_archive(archive)
     root = tmpfs("root", str(_pages(extracted + cache * 3 // 2)))  # room for one cache, not two
-    first = load_dataset("image_folder", root=str(root), path=str(archive))
+    first = image_folder(str(archive), root=str(root)).load()
     (old,) = (root / "cache").glob("*.pt")
 
     # the same archive, re-made: its files get new mtimes, hence a new cache key
@@ -404,7 +404,7 @@ def test_a_new_cache_replaces_the_superseded_one_of_the_same_source(tmp_path, tm
         p.rmdir() if p.is_dir() else p.unlink()
     (root / "tiny").rmdir()
     with caplog.at_level(logging.INFO, logger="imgcls.data"):
-        second = load_dataset("image_folder", root=str(root), path=str(archive))
+        second = image_folder(str(archive), root=str(root)).load()
     (new,) = (root / "cache").glob("*.pt")
     assert new != old and not old.exists()
     assert f"removed superseded data cache {old}" in caplog.text

@@ -165,8 +165,10 @@ def test_resume_path_then_the_same_command_continues_the_new_run(tmp_path):
 
 def test_startup_failure_leaves_no_run_dir(tmp_path):
     run = tmp_path / "run"
-    proc = run_train("data=image_folder", f"data.path={tmp_path / 'missing'}", f"hydra.run.dir={run}", check=False)
-    assert proc.returncode == 2 and "data.path" in proc.stderr
+    proc = run_train(
+        "data=image_folder", f"data.dataset.path={tmp_path / 'missing'}", f"hydra.run.dir={run}", check=False
+    )
+    assert proc.returncode == 2 and "data.dataset.path" in proc.stderr
     assert not run.exists()
 
 

@@ -12,8 +12,10 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 
 import pytest
+from omegaconf import open_dict
 
 from imgcls import preview
 from imgcls.config import CONF_DIR
@@ -111,8 +113,8 @@ def test_steps_per_epoch_from_the_data_config(tmp_path):
     assert steps("data.val_size=0") == 50_000 // 512 == 97  # no validation split
     assert steps("data.val_size=0.2") == 40_000 // 512
     assert steps("data=cifar100", "trainer.batch_size=128") == 45_000 // 128
-    assert steps("data=synthetic") == 512 // 512 == 1  # synthetic_size[0]
-    assert steps("data=synthetic", "data.synthetic_size=[1000,10]", "trainer.batch_size=64") == 15
+    assert steps("data=synthetic") == 512 // 512 == 1  # data.dataset.train_size
+    assert steps("data=synthetic", "data.dataset.train_size=1000", "trainer.batch_size=64") == 15
     assert steps("experiment=smoke") == 512 // 64
     assert steps("trainer.limit_train_batches=20") == 20  # the cap
     for split, count in (("train", 30), ("test", 4)):
@@ -120,18 +122,57 @@ def test_steps_per_epoch_from_the_data_config(tmp_path):
             (tmp_path / split / cls).mkdir(parents=True)
             for i in range(count):
                 (tmp_path / split / cls / f"{i}.png").write_bytes(b"")
-    assert steps("data=image_folder", f"data.path={tmp_path}", "trainer.batch_size=8") == (60 - 6) // 8  # 10% val
+    assert (
+        steps("data=image_folder", f"data.dataset.path={tmp_path}", "trainer.batch_size=8") == (60 - 6) // 8
+    )  # 10% val
+    archive = tmp_path.parent / f"{tmp_path.name}.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(tmp_path, arcname="top")  # under one top folder, as the loader accepts
+    root = tmp_path.parent / "root"  # an archive is counted from its member list: nothing extracted
+    assert (
+        steps("data=image_folder", f"data.dataset.path={archive}", f"data.dataset.root={root}", "trainer.batch_size=8")
+        == 6
+    )
+    assert not root.exists()
+
+
+def test_a_new_data_option_counts_or_is_loaded(monkeypatch):
+    """A dataset added as README's "Make it yours" adds one (one function): its own train_size,
+    or, without one, the preview loads it."""
+    import imgcls.data as D
+
+    loads = []
+
+    def tiny(n: int = 300, counts: bool = True) -> D.DataSource:
+        def load():
+            loads.append(n)
+            return D.synthetic(n, 10).load()
+
+        return D.DataSource("tiny", load, train_size=(lambda: n) if counts else None)
+
+    monkeypatch.setattr(D, "tiny", tiny, raising=False)
+    cfg, _ = preview.compose_config(["data=synthetic", "trainer.batch_size=64"])
+
+    def tiny_steps(**keys) -> int:
+        with open_dict(cfg):
+            cfg.data.dataset = {"_target_": "imgcls.data.tiny", **keys}
+        return preview.steps_per_epoch(cfg)[0]
+
+    assert tiny_steps() == 300 // 64 and loads == []  # counted, not read
+    assert tiny_steps(n=200, counts=False) == 200 // 64 and loads == [200]
 
 
 def test_steps_per_epoch_errors(tmp_path):
     with pytest.raises(preview.PreviewError, match=r"trainer.batch_size: 1024 is larger than the 512"):
         steps("data=synthetic", "trainer.batch_size=1024")
-    with pytest.raises(preview.PreviewError, match=r"data.path: \?\?\?.*--steps-per-epoch"):
+    with pytest.raises(preview.PreviewError, match=r"data.dataset.path: \?\?\?.*--steps-per-epoch"):
         steps("data=image_folder")
     archive = tmp_path / "images.tar.gz"
     archive.write_bytes(b"")
-    with pytest.raises(preview.PreviewError, match=r"data.path: .*images.tar.gz is a file.*--steps-per-epoch"):
-        steps("data=image_folder", f"data.path={archive}")
+    with pytest.raises(
+        preview.PreviewError, match=r"data.dataset.path: .*images.tar.gz is not a readable archive.*--steps"
+    ):
+        steps("data=image_folder", f"data.dataset.path={archive}")
 
 
 # --------------------------------------------------------------------------------------
