@@ -151,7 +151,7 @@ def build_recipe(*overrides: str):
     validate_config(cfg)
     device = pick_device(cfg)
     data = train.load_data(cfg, device, distributed.Dist())
-    model = train.build_model(cfg, data.num_classes, device)
+    model = train.build_model(cfg, data.num_classes, device, data.info["size"])
     optimizer = train.build_optimizer(cfg, model, device)
     return cfg, device, data, model, optimizer, train.build_scheduler(cfg, optimizer)
 
