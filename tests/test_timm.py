@@ -14,7 +14,16 @@ import torch
 timm = pytest.importorskip("timm", reason="timm is not installed (pip install -e '.[timm]')")
 
 from imgcls.models import _hub_reachable, check_input_size, count_flops, resnet18, timm_model  # noqa: E402
-from tests.conftest import ROOT, assert_same_weights, metrics, run_train, run_until_sigterm, train_cmd, weights  # noqa: E402  # noqa: E402
+from tests.conftest import (  # noqa: E402
+    ROOT,
+    assert_same_weights,
+    metrics,
+    run_module,
+    run_train,
+    run_until_sigterm,
+    train_cmd,
+    weights,
+)
 
 # experiment=smoke sets model sizes per model (conf/experiment_model/): none for timm.
 TIMM_SMOKE = ["experiment=smoke", "model=timm", "model.name=test_resnet"]
@@ -158,6 +167,41 @@ def test_unknown_name_through_train_py_exits_2_naming_it(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: model: name='restnet18' is not a timm architecture")
     assert "did you mean" in lines[0] and "resnet18" in lines[0]
+
+
+def test_evaluate_and_predict_on_a_timm_checkpoint_agree_with_the_run(tmp_path):
+    import csv
+
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    from imgcls.evaluate import load_split
+
+    # a ViT: evaluate/predict must rebuild it with the kwargs in the checkpoint's config
+    run = tmp_path / "run"
+    vit = ["model.name=test_vit3", "+model.img_size=32", "+model.patch_size=4"]
+    run_train(*TIMM_SMOKE, *vit, "trainer.epochs=1", f"hydra.run.dir={run}")
+    results = json.loads((run / "results.json").read_text())
+    last = run / "checkpoints" / "last.pt"
+
+    run_module("imgcls.evaluate", f"checkpoint={last}", f"out={tmp_path / 'eval'}")
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert evaluated["split"] == "test" and evaluated["images"] == 256  # experiment=smoke: 256 test images
+    assert evaluated["acc"] == results["final_test_acc"]  # no validation split: the run's last evaluation
+    assert evaluated["loss"] == pytest.approx(results["final_test_loss"], rel=1e-5)
+
+    # the same test images as PNG files (lossless): predict's classes give the same accuracy
+    cfg = OmegaConf.create(torch.load(last, weights_only=True)["config"])
+    images, labels, classes = load_split(cfg, {}, "test")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:03d}.png")
+    run_module("imgcls.predict", f"checkpoint={last}", f"images={folder}", f"out={tmp_path / 'p.csv'}", "topk=2")
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert len(rows) == len(labels) == 256
+    hits = sum(r["class"] == classes[labels[int(r["file"][-7:-4])]] for r in rows)
+    assert hits / len(rows) == evaluated["acc"]
 
 
 @pytest.mark.slow
