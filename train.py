@@ -73,7 +73,7 @@ def recipe(cfg: DictConfig, run_dir: Path) -> float | None:
     lock_run_dir(run_dir, dist)  #    one process per run directory
     seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, device)  # 2. seed
     data = load_data(cfg, device, dist)  # 3. data (fills schedule.steps_per_epoch)
-    model = build_model(cfg, data.num_classes, device)  # 4. model
+    model = build_model(cfg, data.num_classes, device, data.info["size"])  # 4. model
     optimizer = build_optimizer(cfg, model, device)  # 5. optimizer
     scheduler = build_scheduler(cfg, optimizer)  # 6. scheduler
     extras = build_extras(cfg, model, device, data)  #    grad scaler, averaged weights, data info
@@ -259,11 +259,17 @@ def load_data(cfg: DictConfig, device, dist) -> Data:
 # --------------------------------------------------------------------------------------
 # 4. model, 5. optimizer, 6. scheduler
 # --------------------------------------------------------------------------------------
-def build_model(cfg: DictConfig, num_classes: int, device):
+def build_model(cfg: DictConfig, num_classes: int, device, image_size=None):
+    """The model on the device; with the data's `image_size` (C, H, W), one forward of a single
+    image checks that it runs at that size (a timm ViT left at 224 on 32x32 data: exit 2)."""
     import torch
+
+    from imgcls.models import check_input_size
 
     with config_errors("model"):
         model = hydra.utils.instantiate(cfg.model)(num_classes=num_classes).to(device)
+        if image_size is not None:
+            check_input_size(model, image_size, OmegaConf.to_container(cfg.model))
     if device_switch(cfg.trainer.channels_last, device):  # auto: on CUDA
         model = model.to(memory_format=torch.channels_last)
     return model

@@ -16,7 +16,7 @@ import torch
 import torchvision
 from torch import nn
 
-__all__ = ["resnet9", "resnet18", "timm_model", "count_flops"]
+__all__ = ["resnet9", "resnet18", "timm_model", "check_input_size", "count_flops"]
 
 
 def _conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
@@ -193,6 +193,60 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
             return True
     except OSError:
         return False
+
+
+def check_input_size(model: nn.Module, size, config=None) -> None:
+    """Raise one ValueError line if `model` does not run on images of `size` (C, H, W).
+
+    One forward of a single zeros image (eval mode, no gradients, mode restored: no weight,
+    BatchNorm statistic or random state changes), so a model built for another input size
+    (a timm ViT or Swin left at 224: "Input height (32) doesn't match model (224)") stops before
+    any training step instead of at the first one. `config` (the model's config) names the key.
+    Costs one image's forward (~1 GFLOP for resnet18 at 32x32, milliseconds).
+    """
+    c, h, w = (int(v) for v in size)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, c, h, w, device=device))
+    except (AssertionError, RuntimeError, ValueError, IndexError) as e:
+        if isinstance(e, torch.OutOfMemoryError) or type(e).__name__ == "AcceleratorError":
+            raise  # the device, not the size: the run would fail the same way at its first step
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(_input_size_message(model, (h, w), config, f"{type(e).__name__}: {first}")) from None
+    finally:
+        model.train(was_training)
+
+
+def _input_size_message(model: nn.Module, hw: tuple[int, int], config, cause: str) -> str:
+    """What check_input_size says: the key, the model's input size where the model states one
+    (timm: patch_embed.img_size, else pretrained_cfg's input_size), the data's size, and what
+    is accepted (+model.img_size where the architecture takes one)."""
+    import inspect
+
+    h, w = hw
+    config = dict(config or {})
+    built = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if built is None:
+        built = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (None,))[1:] or None
+    built = f" is built for {built[0]}x{built[1]} inputs and" if built and len(built) == 2 else ""
+    key = "model.img_size" if "img_size" in config else "model.name" if "name" in config else "model"
+    value = config.get("img_size", config.get("name"))
+    what = f"{key}={value!r}" if key != "model" else f"model {type(model).__name__}"
+    takes = inspect.signature(type(model).__init__).parameters
+    if "img_size" in takes:
+
+        def arg(k, v):  # "+" adds a key that the config does not have yet (Hydra refuses it otherwise)
+            return f"{'' if k in config else '+'}model.{k}={v}"
+
+        accepted = "set " + arg("img_size", h if h == w else f"[{h},{w}]")
+        if "patch_size" in takes:
+            accepted += f" {arg('patch_size', max(1, min(h, w) // 8))} (an 8x8 grid of patches; README 'timm models')"
+    else:
+        accepted = f"use a model that takes {h}x{w} images"
+    return f"{what}{built} does not run on the data's {h}x{w} images ({cause}); {accepted}"
 
 
 def count_flops(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 32, 32)) -> int:

@@ -82,6 +82,16 @@ def run_train(*overrides: str, check: bool = True, timeout: float = 300, **kw) -
     return proc
 
 
+def run_module(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m module ARGS`` from the repository root (imgcls.evaluate, imgcls.predict);
+    it must exit 0 (else its stderr is shown)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, f"python -m {module} {' '.join(args)} exited {proc.returncode}\n{proc.stderr}"
+    return proc
+
+
 def extract_cifar_subset(dest: Path, per_split: dict[str, int]) -> Path:
     """The first ``per_split[split]`` images of every class of the shared JPEG copy."""
     if not SHARED_JPG.is_file():
@@ -151,7 +161,7 @@ def build_recipe(*overrides: str):
     validate_config(cfg)
     device = pick_device(cfg)
     data = train.load_data(cfg, device, distributed.Dist())
-    model = train.build_model(cfg, data.num_classes, device)
+    model = train.build_model(cfg, data.num_classes, device, data.info["size"])
     optimizer = train.build_optimizer(cfg, model, device)
     return cfg, device, data, model, optimizer, train.build_scheduler(cfg, optimizer)
 

@@ -7,13 +7,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
-from tests.conftest import ROOT, run_train, train_cmd
+from tests.conftest import ROOT, run_module, run_train, train_cmd
 
 SMOKE_VAL = ["experiment=smoke", "data.val_size=64"]  # 448 train images: 7 steps of 64 per epoch
 
@@ -38,11 +37,7 @@ def assert_same_tensors(a, b, where=""):
 
 
 def evaluate_cli(*args):
-    proc = subprocess.run(
-        [sys.executable, "-m", "imgcls.evaluate", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr
-    return proc
+    return run_module("imgcls.evaluate", *args)
 
 
 def test_val_split_best_checkpoint_and_evaluate_equals_results(tmp_path):

@@ -13,8 +13,17 @@ import torch
 
 timm = pytest.importorskip("timm", reason="timm is not installed (pip install -e '.[timm]')")
 
-from imgcls.models import _hub_reachable, count_flops, resnet18, timm_model  # noqa: E402
-from tests.conftest import ROOT, assert_same_weights, metrics, run_train, run_until_sigterm, train_cmd, weights  # noqa: E402  # noqa: E402
+from imgcls.models import _hub_reachable, check_input_size, count_flops, resnet18, timm_model  # noqa: E402
+from tests.conftest import (  # noqa: E402
+    ROOT,
+    assert_same_weights,
+    metrics,
+    run_module,
+    run_train,
+    run_until_sigterm,
+    train_cmd,
+    weights,
+)
 
 # experiment=smoke sets model sizes per model (conf/experiment_model/): none for timm.
 TIMM_SMOKE = ["experiment=smoke", "model=timm", "model.name=test_resnet"]
@@ -57,6 +66,42 @@ def test_bad_arguments_are_one_line_errors(kwargs, match):
     with pytest.raises(ValueError, match=match) as e:
         timm_model(**{"num_classes": 10, **kwargs})
     assert "\n" not in str(e.value)
+
+
+def test_input_size_check_changes_nothing_and_names_what_a_vit_accepts():
+    model = timm_model(num_classes=10, name="test_resnet")  # BatchNorm: running stats would move in train mode
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    check_input_size(model, (3, 32, 32), {"name": "test_resnet"})
+    assert model.training and torch.equal(torch.get_rng_state(), rng)
+    assert_same_weights(model.state_dict(), before)
+
+    vit = timm_model(num_classes=10, name="test_vit3")  # timm's strict test ViT, built for 160x160
+    with pytest.raises(ValueError) as e:
+        check_input_size(vit, (3, 32, 32), {"name": "test_vit3"})
+    assert str(e.value).startswith(
+        "model.name='test_vit3' is built for 160x160 inputs and does not run on the data's 32x32 images"
+    )
+    assert str(e.value).endswith(
+        "set +model.img_size=32 +model.patch_size=4 (an 8x8 grid of patches; README 'timm models')"
+    )
+    assert "\n" not in str(e.value) and vit.training
+    with pytest.raises(ValueError, match=r"^model.img_size=64 is built for 64x64 inputs .*; set model.img_size=32 "):
+        check_input_size(timm_model(num_classes=10, name="test_vit3", img_size=64), (3, 32, 32), {"img_size": 64})
+    check_input_size(timm_model(num_classes=10, name="test_vit3", img_size=32, patch_size=4), (3, 32, 32))
+
+
+def test_vit_left_at_its_input_size_exits_2_before_training(tmp_path):
+    run = tmp_path / "run"
+    proc = run_train(*TIMM_SMOKE, "model.name=vit_tiny_patch16_224", f"hydra.run.dir={run}", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "error: model: model.name='vit_tiny_patch16_224' is built for 224x224 inputs and does not run on the "
+        "data's 32x32 images"
+    )
+    assert "+model.img_size=32 +model.patch_size=4" in lines[0]
+    assert "step=" not in proc.stdout and not run.exists()  # no step ran; no empty run directory is left
 
 
 def test_pretrained_without_network_is_one_quick_line(monkeypatch):
@@ -122,6 +167,41 @@ def test_unknown_name_through_train_py_exits_2_naming_it(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: model: name='restnet18' is not a timm architecture")
     assert "did you mean" in lines[0] and "resnet18" in lines[0]
+
+
+def test_evaluate_and_predict_on_a_timm_checkpoint_agree_with_the_run(tmp_path):
+    import csv
+
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    from imgcls.evaluate import load_split
+
+    # a ViT: evaluate/predict must rebuild it with the kwargs in the checkpoint's config
+    run = tmp_path / "run"
+    vit = ["model.name=test_vit3", "+model.img_size=32", "+model.patch_size=4"]
+    run_train(*TIMM_SMOKE, *vit, "trainer.epochs=1", f"hydra.run.dir={run}")
+    results = json.loads((run / "results.json").read_text())
+    last = run / "checkpoints" / "last.pt"
+
+    run_module("imgcls.evaluate", f"checkpoint={last}", f"out={tmp_path / 'eval'}")
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert evaluated["split"] == "test" and evaluated["images"] == 256  # experiment=smoke: 256 test images
+    assert evaluated["acc"] == results["final_test_acc"]  # no validation split: the run's last evaluation
+    assert evaluated["loss"] == pytest.approx(results["final_test_loss"], rel=1e-5)
+
+    # the same test images as PNG files (lossless): predict's classes give the same accuracy
+    cfg = OmegaConf.create(torch.load(last, weights_only=True)["config"])
+    images, labels, classes = load_split(cfg, {}, "test")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:03d}.png")
+    run_module("imgcls.predict", f"checkpoint={last}", f"images={folder}", f"out={tmp_path / 'p.csv'}", "topk=2")
+    rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert len(rows) == len(labels) == 256
+    hits = sum(r["class"] == classes[labels[int(r["file"][-7:-4])]] for r in rows)
+    assert hits / len(rows) == evaluated["acc"]
 
 
 @pytest.mark.slow
