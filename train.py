@@ -154,7 +154,7 @@ class exit_cleanly:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             return False  # Hydra marks this job failed and runs the next one
         sys.exit(code)
 

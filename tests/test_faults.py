@@ -1,20 +1,21 @@
 """Fault injection for train.py: the run survives kills, bad checkpoints, config drift, NaNs, full disks.
 
-Every test drives `python train.py experiment=smoke ...` in subprocesses (CPU, synthetic data):
+Every test drives `python train.py experiment=smoke ...` in subprocesses (CPU, synthetic data),
+except 5., which runs train.py's main in this process (tests/conftest.py run_recipe):
 
-1. SIGKILL at random moments, 25 trials in ONE run directory, all running the same command
+1. SIGKILL at random moments, 9 trials in ONE run directory, all running the same command
    (SMOKE3: 3 epochs x 8 steps, log_every=1): first TARGETED_KILLS=5 with a delay uniform over half
    the training time, counted from the first training step printed (`random.Random(5678)`), then
-   KILL_TRIALS=20 with a delay uniform over 0.5 s .. the wall time of an uninterrupted run, counted
+   KILL_TRIALS=4 with a delay uniform over 0.5 s .. the wall time of an uninterrupted run, counted
    from the start (`random.Random(1234)`). After every kill each checkpoints/*.pt loads with
    weights_only=True, metrics.jsonl parses, last.pt never disappears and its step never goes
    backwards; the run then finishes with the weights and metrics.jsonl of an uninterrupted run.
    Trials are classified from their stdout and the checkpoint files. Measured (2-core CPU, run
-   ~5.4 s: ~2.9 s start-up, ~1.5 s training): targeted: 2 training before a new checkpoint, 2 after
-   one, 1 inside a checkpoint write (a temp file left behind); uniform: 15 start-up, 5 ran to the
-   end (the run was finished by trial 6, so these only restart and kill a finished run);
-   0 checkpoints lost or truncated. Start-up is ~55-75% of a run, so uniform delays alone almost
-   never land in training: hence the targeted trials.
+   ~5.7 s: ~3.1 s start-up, ~1.6 s training): targeted: 2 training before a new checkpoint, 2 after
+   one, 1 inside a checkpoint write; uniform: 2 start-up, 2 ran to the end (the run was finished
+   by trial 6, so these only restart a finished run); 0 checkpoints lost or truncated. Start-up is
+   ~55-75% of a run, so uniform delays alone almost never land in training: hence the targeted
+   trials, and few uniform ones (25 trials, 20 uniform, took 84 s of the suite for 15 start-ups).
 2. SIGTERM after a random number of metrics lines k in [2, 20] (`random.Random(4321)`),
    SIGTERM_TRIALS run directories: exit 143, the checkpoint is at most 2 steps past line k, and the
    resumed run equals the uninterrupted one (metrics.jsonl and weights, bit for bit).
@@ -61,14 +62,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.conftest import ROOT, assert_same_weights, metrics, run_train, train_cmd, weights
+from tests.conftest import ROOT, assert_same_weights, metrics, run_recipe, run_train, train_cmd, weights
 from tests.conftest import run_until_sigterm as _run_until_sigterm
 
 SMOKE = ["experiment=smoke"]
 SMOKE3 = [*SMOKE, "trainer.epochs=3", "trainer.log_every=1"]  # 24 steps, 27 metrics lines
-KILL_TRIALS = 20  # delays uniform over the whole run (mostly land in start-up)
-TARGETED_KILLS = 5  # delays uniform over the training that follows the first step
-SIGTERM_TRIALS = 10
+KILL_TRIALS = 4  # delays uniform over the whole run (mostly land in start-up, as imports do)
+TARGETED_KILLS = 5  # delays uniform over the training that follows the first step: the trials that matter
+SIGTERM_TRIALS = 5
 
 
 # --------------------------------------------------------------------------------------
@@ -180,7 +181,7 @@ def reference(tmp_path_factory):
 def two_epochs(tmp_path_factory):
     """A finished default smoke run (2 epochs, keep_checkpoints=2): last.pt and last.1.pt."""
     run = tmp_path_factory.mktemp("two_epochs") / "run"
-    run_train(*SMOKE, f"hydra.run.dir={run}")
+    run_recipe(run, *SMOKE)
     return run
 
 
@@ -264,7 +265,7 @@ def test_sigkill_at_random_moments_never_loses_or_truncates_a_checkpoint(tmp_pat
         phases[kind, phase] += 1
 
     stray = len(_temp_files(ckpt_dir))
-    finished = run_train(*SMOKE3, f"hydra.run.dir={run}")
+    finished = run_recipe(run, *SMOKE3)
     assert not _temp_files(ckpt_dir), "the next save removes the temp files killed saves left"
     assert_same_weights(weights(run), reference.weights)
     assert sum(phases.values()) == len(plan) and lost == 0
@@ -323,14 +324,11 @@ def test_truncated_last_falls_back_to_backup_and_bad_files_are_refused(tmp_path,
     both_bad = _copy_run(run, tmp_path / "both_bad")
     (both_bad / "checkpoints" / "last.1.pt").write_bytes(b"\0" * 1000)
 
-    more, all_bad, *refused = _parallel(
-        lambda: run_train(*SMOKE, "trainer.epochs=3", f"hydra.run.dir={run}"),
-        lambda: _run(*SMOKE, "trainer.epochs=3", f"hydra.run.dir={both_bad}"),
-        *(
-            lambda bad=bad: _run(*SMOKE, f"resume={bad}", f"hydra.run.dir={tmp_path / ('fresh-' + bad.stem)}")
-            for bad in (truncated, garbage)
-        ),
-    )
+    more = run_recipe(run, *SMOKE, "trainer.epochs=3")
+    all_bad = run_recipe(both_bad, *SMOKE, "trainer.epochs=3", check=False)
+    refused = [
+        run_recipe(tmp_path / f"fresh-{bad.stem}", *SMOKE, f"resume={bad}", check=False) for bad in (truncated, garbage)
+    ]
     # truncated last.pt: a warning naming it, then last.1.pt (end of epoch 1) takes over
     assert f"skipping corrupt checkpoint {last}" in more.stderr
     assert f"resumed from {backup} at step 8 (epoch 1, batch 0)" in more.stdout
@@ -408,14 +406,9 @@ def test_changed_config_on_resume_is_refused_forced_or_logged(tmp_path, one_epoc
         "safe": ["trainer.epochs=3", "trainer.eval_every=3"],
     }
     dirs = {name: _copy_run(one_epoch, tmp_path / f"run{i}") for i, name in enumerate(cases)}
-    procs = dict(
-        zip(
-            cases,
-            _parallel(
-                *(lambda name=name, o=o: _run(*SMOKE, *o, f"hydra.run.dir={dirs[name]}") for name, o in cases.items())
-            ),
-        )
-    )
+    # in this process (train.py's main without the start-up: 8 runs in seconds); exit codes and
+    # the error line as a subprocess gets them
+    procs = {name: run_recipe(dirs[name], *SMOKE, *o, check=False) for name, o in cases.items()}
 
     for override, keys in refused.items():
         line = _assert_clean_error(procs[override], 2, "differing keys:", "resume_force=true", *keys)
@@ -456,11 +449,9 @@ def test_nonfinite_loss_stops_without_saving_or_is_skipped(tmp_path, one_epoch):
     fresh = tmp_path / "fresh"
     stop, skip = (_copy_run(one_epoch, tmp_path / name) for name in ("stop", "skip"))
     before = _sha(stop / "checkpoints" / "last.pt")
-    lr, stopped, skipped = _parallel(
-        lambda: _run(*SMOKE, "optimizer.lr=1e10", f"hydra.run.dir={fresh}"),
-        lambda: _run(*SMOKE, *blow_up, f"hydra.run.dir={stop}"),
-        lambda: _run(*SMOKE, *blow_up, "trainer.skip_nonfinite=true", f"hydra.run.dir={skip}"),
-    )
+    lr = run_recipe(fresh, *SMOKE, "optimizer.lr=1e10", check=False)
+    stopped = run_recipe(stop, *SMOKE, *blow_up, check=False)
+    skipped = run_recipe(skip, *SMOKE, *blow_up, "trainer.skip_nonfinite=true", check=False)
 
     _assert_clean_error(lr, 3, "training loss is", "skip_nonfinite")
     for p in (fresh / "checkpoints").glob("*.pt"):  # whatever was saved before the blow-up is finite
@@ -576,7 +567,7 @@ def test_full_disk_or_read_only_dir_keeps_the_previous_checkpoint(tmp_path, inje
     assert _sha(readonly / "checkpoints" / "last.1.pt") == before  # rotated before the rename failed
 
     # the disk has room again: the same command resumes at epoch 1 and ends like a clean run
-    again = run_train(*SMOKE, f"hydra.run.dir={full}")
+    again = run_recipe(full, *SMOKE)
     assert "resumed from" in again.stdout and "at step 8" in again.stdout
     assert metrics(full) == metrics(two_epochs)
     assert_same_weights(weights(full), weights(two_epochs))

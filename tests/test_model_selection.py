@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import ROOT, run_module, run_train, train_cmd
+from tests.conftest import ROOT, run_module, run_recipe, run_train, train_cmd
 
 SMOKE_VAL = ["experiment=smoke", "data.val_size=64"]  # 448 train images: 7 steps of 64 per epoch
 
@@ -105,12 +105,12 @@ def test_resume_is_bit_identical_with_ema_swa_fp16_and_clipping(tmp_path):
         "trainer.swa_start=0.5",
     ]
     full = tmp_path / "full"
-    run_train(*common, f"hydra.run.dir={full}")
+    run_recipe(full, *common)
     part = tmp_path / "part"
     code, out, _ = _sigterm_after(part, common, lines=13)  # inside epoch 2
     assert code == 143, out
     assert 0 < ckpt(part)["state"]["step"] < 21
-    run_train(*common, f"hydra.run.dir={part}")
+    run_recipe(part, *common)
     assert metrics(part) == metrics(full)
     a, b = ckpt(full), ckpt(part)
     for key in ("model", "optimizer", "averaging", "scaler"):
@@ -145,7 +145,7 @@ def test_second_process_on_a_run_dir_exits_2_naming_the_holder(tmp_path):
 @pytest.mark.slow
 def test_resume_path_then_the_same_command_continues_the_new_run(tmp_path):
     first = tmp_path / "first"
-    run_train(*SMOKE_VAL, "trainer.epochs=1", f"hydra.run.dir={first}")
+    run_recipe(first, *SMOKE_VAL, "trainer.epochs=1")
     source = first / "checkpoints" / "last.pt"
     second = tmp_path / "second"
     command = [*SMOKE_VAL, "trainer.epochs=2", "trainer.log_every=1", f"resume={source}"]
@@ -153,7 +153,7 @@ def test_resume_path_then_the_same_command_continues_the_new_run(tmp_path):
     assert code == 143
     step = ckpt(second)["state"]["step"]
     assert step > 7
-    again = run_train(*command, f"hydra.run.dir={second}")
+    again = run_recipe(second, *command)
     assert f"continuing from {second / 'checkpoints' / 'last.pt'} (step {step})" in again.stdout
     assert [m["step"] for m in metrics(second) if "train_loss" in m] == list(range(8, 15))
 
