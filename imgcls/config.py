@@ -631,7 +631,8 @@ class config_errors:
 
         if kind is not None and issubclass(kind, (ValueError, TypeError, InstantiationException)):
             message = _one_line(exc.__cause__ or exc)
-            if not message.startswith(self.group):  # a builder's own error may name its key already
+            first = message.split(" ", 1)[0]
+            if not (first.startswith(self.group + ".") and first.endswith(":")):  # "data.dataset.x: ..." names its key
                 message = f"{self.group}: {message}"
             raise ValueError(message) from exc
         return False
