@@ -19,7 +19,7 @@ from omegaconf import open_dict
 
 from imgcls import preview
 from imgcls.config import CONF_DIR
-from tests.conftest import ROOT, run_train
+from tests.conftest import ROOT, run_recipe
 
 ROW = re.compile(r"^\s*(\d+)\s+(\d+\.\d\d)\s+(\S+)\s*(.*)$")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -311,7 +311,7 @@ def test_the_preview_equals_the_lrs_a_run_logs(overrides, tmp_path):
     """metrics.jsonl's lr at step N is the lr after N steps (and the scheduler steps due by
     then): the preview's lr at step N, for per-step and per-epoch schedules alike."""
     run = tmp_path / "run"
-    run_train("experiment=smoke", "trainer.log_every=1", *overrides, f"hydra.run.dir={run}")
+    run_recipe(run, "experiment=smoke", "trainer.log_every=1", *overrides)
     logged = {
         m["step"]: m["lr"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "lr" in m
     }

@@ -19,6 +19,7 @@ from tests.conftest import (  # noqa: E402
     assert_same_weights,
     metrics,
     run_module,
+    run_recipe,
     run_train,
     run_until_sigterm,
     train_cmd,
@@ -198,7 +199,7 @@ def test_evaluate_and_predict_on_a_timm_checkpoint_agree_with_the_run(tmp_path):
     # a ViT: evaluate/predict must rebuild it with the kwargs in the checkpoint's config
     run = tmp_path / "run"
     vit = ["model.name=test_vit3", "+model.img_size=32", "+model.patch_size=4"]
-    run_train(*TIMM_SMOKE, *vit, "trainer.epochs=1", f"hydra.run.dir={run}")
+    run_recipe(run, *TIMM_SMOKE, *vit, "trainer.epochs=1")
     results = json.loads((run / "results.json").read_text())
     last = run / "checkpoints" / "last.pt"
 
@@ -226,7 +227,7 @@ def test_evaluate_and_predict_on_a_timm_checkpoint_agree_with_the_run(tmp_path):
 def test_train_checkpoint_and_sigterm_resume_are_bit_identical(tmp_path):
     common = [*TIMM_SMOKE, "trainer.epochs=2", "trainer.log_every=1"]
     full = tmp_path / "full"
-    run_train(*common, f"hydra.run.dir={full}")
+    run_recipe(full, *common)
     results = json.loads((full / "results.json").read_text())
     assert results["final_test_acc"] > 0.2, "synthetic classes are easy: above chance (0.1)"
     ckpt = torch.load(full / "checkpoints" / "last.pt", weights_only=True)
@@ -237,7 +238,7 @@ def test_train_checkpoint_and_sigterm_resume_are_bit_identical(tmp_path):
     part = tmp_path / "part"
     stopped = run_until_sigterm(part, common, after_lines=11)  # 8 steps + 1 evaluation + 2: mid epoch 2
     assert stopped.returncode == 143, stopped.stdout
-    resumed = run_train(*common, f"hydra.run.dir={part}")
+    resumed = run_recipe(part, *common)
     assert "resumed from" in resumed.stdout
     assert metrics(part) == metrics(full)
     assert_same_weights(weights(part), weights(full))

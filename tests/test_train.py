@@ -15,6 +15,7 @@ from tests.conftest import (
     assert_same_weights,
     extract_cifar_subset,
     metrics,
+    run_recipe,
     run_train,
     run_until_sigterm,
     train_cmd,
@@ -28,7 +29,7 @@ SMOKE = ["experiment=smoke"]
 def test_sigterm_mid_run_then_resume_is_bit_identical(tmp_path):
     common = [*SMOKE, "trainer.epochs=4", "trainer.log_every=1"]
     full = tmp_path / "full"
-    run_train(*common, f"hydra.run.dir={full}")
+    run_recipe(full, *common)
 
     part = tmp_path / "part"
     stopped = run_until_sigterm(part, common, after_lines=11)
@@ -40,7 +41,7 @@ def test_sigterm_mid_run_then_resume_is_bit_identical(tmp_path):
     assert stopped.signalled_at <= state["step"] <= stopped.signalled_at + 1, (stopped.signalled_at, state)
     assert not state["finished"]
 
-    resumed = run_train(*common, f"hydra.run.dir={part}")
+    resumed = run_recipe(part, *common)
     assert f"resumed from {part / 'checkpoints' / 'last.pt'} at step {state['step']}" in resumed.stdout
     # the same lr at every step (log_every=1), the same losses and evaluations, the same weights
     assert metrics(part) == metrics(full)
@@ -120,7 +121,8 @@ def test_bad_input_in_a_real_process_exits_2_with_one_line(tmp_path):
 def test_real_cifar10_subset_beats_chance(tmp_path):
     sub = extract_cifar_subset(tmp_path / "cifar10-sub", {"train": 500, "test": 100})
     run = tmp_path / "run"
-    run_train(
+    run_recipe(
+        run,
         "data=image_folder",
         f"data.dataset.path={sub}",
         f"data.dataset.root={tmp_path / 'cache'}",
@@ -130,8 +132,6 @@ def test_real_cifar10_subset_beats_chance(tmp_path):
         "trainer.batch_size=100",
         "trainer.log_every=25",
         "optimizer.lr=0.2",
-        f"hydra.run.dir={run}",
-        timeout=600,
     )
     acc = json.loads((run / "results.json").read_text())["final_test_acc"]
     assert acc > 0.30, f"test accuracy {acc:.3f} on 1,000 real test images; chance is 0.10"
