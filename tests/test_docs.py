@@ -121,6 +121,8 @@ def module_main(module: str):
 def check(argv: list[str], run: bool, conf: Path) -> str | None:
     """None if the command is fine, else what is wrong."""
     words = list(argv)
+    if {"&&", "||", "|", ";"} & set(words):
+        return "one command per line (no &&, ||, | or ;)"
     if words[0] in PYTHONS and words[1:2] == ["train.py"]:
         code, out = train_cli(words[2:]) if run else compose(words[2:])
         return None if code == 0 else f"exit {code}: {out.strip()[-600:]}"
@@ -159,6 +161,8 @@ def check(argv: list[str], run: bool, conf: Path) -> str | None:
         missing = named - extras()
         return f"no such extra in pyproject.toml: {sorted(missing)}" if missing or not named else None
     if words[0] == "cp" and len(words) == 3 and all(w.startswith("conf/") for w in words[1:]):
+        if not (conf / words[1][5:]).is_file():
+            return f"no such file: {words[1]}"
         (conf / words[2][5:]).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(conf / words[1][5:], conf / words[2][5:])
         return None
