@@ -105,3 +105,18 @@ def test_pre_commit_passes_offline_and_catches_what_it_should(tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "notes.md:1:a trailing space" in proc.stdout, proc.stdout
     assert "weights.bin: 600 KB is over the 500 KB limit" in proc.stdout, proc.stdout
+
+
+def test_make_help_lists_every_target():
+    makefile = (ROOT / "Makefile").read_text()
+    phony = set(re.search(r"^\.PHONY:(.*)$", makefile, re.M)[1].split())
+    defined = set(re.findall(r"^([a-z][a-z-]*):", makefile, re.M))
+    listed = set(
+        re.findall(
+            r"^\s*make (\S+)",
+            subprocess.run(["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True).stdout,
+            re.M,
+        )
+    )
+    assert defined <= phony, f"targets missing from .PHONY: {sorted(defined - phony)}"
+    assert listed == phony, f"make help lists {sorted(listed)}; the targets are {sorted(phony)}"
