@@ -214,3 +214,23 @@ def test_every_command_of_the_page(page, tmp_path, monkeypatch):
     assert not failures, f"{page.relative_to(ROOT)}: {len(failures)} of {checked} commands fail:\n" + "\n".join(
         failures
     )
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_link_resolves():
+    """Relative links of README.md and docs/*.md name files that exist, and headings that exist."""
+    broken = []
+    for page in PAGES:
+        for target, anchor in re.findall(r"\]\((?!https?:)([^)#\s]*)(?:#([^)\s]+))?\)", page.read_text()):
+            path = (page.parent / target).resolve() if target else page
+            if not path.exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target} does not exist")
+            elif anchor and path.suffix == ".md":
+                headings = re.findall(r"^#+ (.*)$", path.read_text(), re.M)
+                if anchor not in {slug(h) for h in headings}:
+                    broken.append(f"{page.relative_to(ROOT)}: {target}#{anchor}: no such heading")
+    assert not broken, "\n".join(broken)
