@@ -234,3 +234,16 @@ def test_every_link_resolves():
                 if anchor not in {slug(h) for h in headings}:
                     broken.append(f"{page.relative_to(ROOT)}: {target}#{anchor}: no such heading")
     assert not broken, "\n".join(broken)
+
+
+def test_readme_is_a_front_door():
+    """Issue 21's measure: at most 300 lines, at least a quarter of them runnable code (the lines
+    inside bash, python and yaml blocks; the file tree is not counted)."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    code = sum(
+        len(body.splitlines()) for lang, _, body in blocks(ROOT / "README.md") if lang in ("bash", "python", "yaml")
+    )
+    assert len(lines) <= 300, f"README.md has {len(lines)} lines; the depth belongs in docs/"
+    assert code / len(lines) >= 0.25, (
+        f"README.md: {code} of {len(lines)} lines are runnable code ({code / len(lines):.0%})"
+    )
