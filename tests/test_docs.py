@@ -184,8 +184,13 @@ def test_every_page_has_a_command():
     assert any(run for _, run, _ in readme), f"the README's quick start lost its {RUN_MARKER} line"
 
 
-@pytest.mark.slow  # the README's quick start trains two smoke runs: ~15 s on a 2-core CPU
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize(
+    "page",
+    # The README's quick start trains two smoke runs (~15 s on a 2-core CPU); a page of
+    # composed commands takes about a second.
+    [pytest.param(p, marks=pytest.mark.slow) if any(run for _, run, _ in blocks(p)) else p for p in PAGES],
+    ids=lambda p: str(p.relative_to(ROOT)),
+)
 def test_every_command_of_the_page(page, tmp_path, monkeypatch):
     conf = tmp_path / "conf"
     shutil.copytree(ROOT / "conf", conf)
