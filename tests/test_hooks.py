@@ -100,11 +100,14 @@ def test_pre_commit_passes_offline_and_catches_what_it_should(tmp_path):
 
     (repo / "notes.md").write_text("a trailing space \n")
     (repo / "weights.bin").write_bytes(b"\0" * 600 * 1024)
+    (repo / "sloppy.py").write_text("import os\nx=1\n")  # an unused import; not formatted
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
     proc = pre_commit(repo, tmp_path / "home")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "notes.md:1:a trailing space" in proc.stdout, proc.stdout
     assert "weights.bin: 600 KB is over the 500 KB limit" in proc.stdout, proc.stdout
+    assert re.search(r"^ruff check\.+Failed$", proc.stdout, re.M) and "F401" in proc.stdout, proc.stdout
+    assert re.search(r"^ruff format\.+Failed$", proc.stdout, re.M), proc.stdout
 
 
 def test_make_help_lists_every_target():
