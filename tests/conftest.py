@@ -36,7 +36,7 @@ TIERS = {
         "test_averaging",
         "test_precision",
     ),
-    "integration": ("test_bad_input", "test_evaluate", "test_recipe"),
+    "integration": ("test_bad_input", "test_evaluate", "test_recipe", "test_docs"),
     "system": (
         "test_train",
         "test_faults",
@@ -53,6 +53,7 @@ TIERS = {
         "test_import_sched",
         "test_runlock",
         "test_model_selection",
+        "test_hooks",
     ),
 }
 
