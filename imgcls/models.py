@@ -171,7 +171,7 @@ def timm_model(
         if not isinstance(conv1, nn.Conv2d) or not hasattr(model, "maxpool"):
             raise ValueError(
                 f"cifar_stem=true: {name!r} has no single conv1 + maxpool stem (it works for timm ResNets "
-                "such as resnet18, resnet50, resnext50_32x4d); use the family's own arguments instead (README)"
+                "such as resnet18, resnet50, resnext50_32x4d); use the family's own arguments instead (docs/models.md)"
             )
         model.conv1 = nn.Conv2d(conv1.in_channels, conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
@@ -243,7 +243,9 @@ def _input_size_message(model: nn.Module, hw: tuple[int, int], config, cause: st
 
         accepted = "set " + arg("img_size", h if h == w else f"[{h},{w}]")
         if "patch_size" in takes:
-            accepted += f" {arg('patch_size', max(1, min(h, w) // 8))} (an 8x8 grid of patches; README 'timm models')"
+            accepted += (
+                f" {arg('patch_size', max(1, min(h, w) // 8))} (an 8x8 grid of patches; docs/models.md 'timm models')"
+            )
     else:
         accepted = f"use a model that takes {h}x{w} images"
     return f"{what}{built} does not run on the data's {h}x{w} images ({cause}); {accepted}"

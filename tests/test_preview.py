@@ -137,7 +137,7 @@ def test_steps_per_epoch_from_the_data_config(tmp_path):
 
 
 def test_a_new_data_option_counts_or_is_loaded(monkeypatch):
-    """A dataset added as README's "Make it yours" adds one (one function): its own train_size,
+    """A dataset added the way the README's "Make it yours" shows (one function): its own train_size,
     or, without one, the preview loads it."""
     import imgcls.data as D
 

@@ -102,7 +102,7 @@ def test_input_size_check_changes_nothing_and_names_what_a_vit_accepts():
         "model.name='test_vit3' is built for 160x160 inputs and does not run on the data's 32x32 images"
     )
     assert str(e.value).endswith(
-        "set +model.img_size=32 +model.patch_size=4 (an 8x8 grid of patches; README 'timm models')"
+        "set +model.img_size=32 +model.patch_size=4 (an 8x8 grid of patches; docs/models.md 'timm models')"
     )
     assert "\n" not in str(e.value) and vit.training
     with pytest.raises(ValueError, match=r"^model.img_size=64 is built for 64x64 inputs .*; set model.img_size=32 "):

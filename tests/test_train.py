@@ -33,7 +33,7 @@ def test_sigterm_mid_run_then_resume_is_bit_identical(tmp_path):
 
     part = tmp_path / "part"
     stopped = run_until_sigterm(part, common, after_lines=11)
-    assert stopped.returncode == 143, stopped.stdout  # 128 + SIGTERM, documented in the README
+    assert stopped.returncode == 143, stopped.stdout  # 128 + SIGTERM, documented in docs/resume-and-faults.md
     assert "SIGTERM: checkpoint saved at step" in stopped.stdout
     state = torch.load(part / "checkpoints" / "last.pt", weights_only=True)["state"]
     # saved at the step boundary after the signal: at most the one step in flight past the
@@ -109,7 +109,7 @@ def test_help_and_cfg_do_not_import_torch():
 
 
 def test_bad_input_in_a_real_process_exits_2_with_one_line(tmp_path):
-    """The README's bad-input table runs in-process (tests/test_bad_input.py); this is one row
+    """The bad-input table (docs/bad-input.md) runs in-process (tests/test_bad_input.py); this is one row
     through a real process: exit code 2, one `error:` line, no traceback, nothing trained."""
     proc = run_train(*SMOKE, "optimizer.lr=-0.1", f"hydra.run.dir={tmp_path / 'run'}", check=False)
     assert proc.returncode == 2
