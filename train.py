@@ -45,6 +45,7 @@ EXIT_SIGNAL = {"SIGTERM": 143, "SIGINT": 130}  # 128 + signal number, as a shell
 EXIT_BAD_INPUT = 2  # a config value, a data file or a checkpoint was refused at start-up
 EXIT_NONFINITE = 3  # the training loss became NaN or inf (the last good checkpoint is kept)
 EXIT_WRITE_FAULT = 4  # a file could not be written: disk full, read-only (what was saved is intact)
+EXIT_JOB_FAILED = 1  # a multirun ran every job and some failed (the sweep summary marks them)
 
 
 def cli() -> None:
@@ -52,6 +53,10 @@ def cli() -> None:
     before Hydra starts; then Hydra runs main (once, or once per job of a multirun)."""
     preflight(sys.argv[1:])
     main()
+    from imgcls import sweep
+
+    if sweep.FAILED_JOBS:  # a multirun whose jobs all ran, some refused (each said why in one line)
+        sys.exit(EXIT_JOB_FAILED)
 
 
 @hydra.main(config_path=str(Path(__file__).resolve().parent / "conf"), config_name="config", version_base="1.3")
@@ -59,8 +64,9 @@ def main(cfg: DictConfig) -> float | None:
     """Returns the best validation accuracy (the test accuracy without a validation split): the
     objective of hparams_search sweeps."""
     run_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
-    with exit_cleanly(run_dir):
+    with exit_cleanly(run_dir) as outcome:
         return recipe(cfg, run_dir)
+    return outcome.failed  # a refused job of a multirun (imgcls.sweep.JobFailed): the next one runs
 
 
 def recipe(cfg: DictConfig, run_dir: Path) -> float | None:
@@ -122,10 +128,13 @@ _RUN_LOCK = None
 class exit_cleanly:
     """Known faults end the process with one line on stderr and a documented exit code
     (HYDRA_FULL_ERROR=1 shows the traceback instead). A run that fails at start-up leaves no
-    empty run directory behind (imgcls.runlock.remove_if_unused: start-up files only)."""
+    empty run directory behind (imgcls.runlock.remove_if_unused: start-up files only). In a
+    multirun the job ends instead, after the same one line: ``failed`` is then what main returns
+    (an imgcls.sweep.JobFailed, which the sweep summary marks failed), and the next job runs."""
 
     def __init__(self, run_dir: Path | None = None):
         self.run_dir = run_dir
+        self.failed = None
 
     def __enter__(self):
         return self
@@ -155,7 +164,10 @@ class exit_cleanly:
         from hydra.types import RunMode
 
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-            return False  # Hydra marks this job failed and runs the next one
+            from imgcls.sweep import JobFailed
+
+            self.failed = JobFailed(code, str(exc))  # no Hydra traceback; the next job runs
+            return True
         sys.exit(code)
 
 
