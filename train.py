@@ -72,6 +72,7 @@ def main(cfg: DictConfig) -> float | None:
 def recipe(cfg: DictConfig, run_dir: Path) -> float | None:
     from imgcls.checkpoint import resume
 
+    composed = OmegaConf.to_yaml(cfg)  # as Hydra composed it: .hydra/config.yaml, once accepted
     validate_config(cfg)  # 1. config (fails before any work)
     check_writable(run_dir)  #    the run directory
     device = pick_device(cfg)  #    the device
@@ -83,8 +84,8 @@ def recipe(cfg: DictConfig, run_dir: Path) -> float | None:
     optimizer = build_optimizer(cfg, model, device)  # 5. optimizer
     scheduler = build_scheduler(cfg, optimizer)  # 6. scheduler
     extras = build_extras(cfg, model, device, data)  #    grad scaler, averaged weights, data info
-    write_config(cfg, run_dir, dist)  #    the resolved config, beside .hydra/
     state = resume(cfg, run_dir, model, optimizer, scheduler, dist, extras)  # 7. resume
+    write_config(cfg, run_dir, dist, composed)  #    accepted: config.yaml and .hydra/ (not before)
     if state.epoch >= cfg.trainer.epochs:
         print(f"run in {run_dir} already finished at step {state.step}: nothing to do")
         if not (run_dir / "results.json").exists():  # its writing failed (a full disk): once more
@@ -119,7 +120,7 @@ def lock_run_dir(run_dir: Path, dist) -> None:
     if dist.is_main:
         if _RUN_LOCK is not None:
             _RUN_LOCK.release()  # the previous job of a multirun, in this process
-        _RUN_LOCK = RunLock(run_dir).acquire()
+        _RUN_LOCK = RunLock(run_dir).acquire(note_pid=False)  # the PID once the config is accepted
 
 
 _RUN_LOCK = None
@@ -333,11 +334,32 @@ def build_extras(cfg: DictConfig, model, device, data: Data) -> Extras:
     return Extras(precision, make_scaler(device, precision), averaging, data.info)
 
 
-def write_config(cfg: DictConfig, run_dir: Path, dist) -> None:
+def write_config(cfg: DictConfig, run_dir: Path, dist, composed: str | None = None) -> None:
+    """The run's config files, written once this process holds the run lock and its config was
+    accepted (a refused start leaves an existing run directory as it was): ``config.yaml`` (the
+    resolved config), and under Hydra ``.hydra/config.yaml`` (``composed``, as Hydra composed
+    it), ``.hydra/hydra.yaml`` and ``.hydra/overrides.yaml``, which Hydra itself would write
+    before the run starts (conf/config.yaml: ``hydra.output_subdir: null``). Then the lock
+    file names this process."""
+    from hydra.core.hydra_config import HydraConfig
+
     from imgcls.io import write_text_atomic
 
-    if dist.is_main:
-        write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True), "the resolved config")
+    if not dist.is_main:
+        return
+    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True), "the resolved config")
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        files = {
+            "config.yaml": composed if composed is not None else OmegaConf.to_yaml(cfg),
+            "hydra.yaml": OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})),
+            "overrides.yaml": OmegaConf.to_yaml(hydra_cfg.overrides.task),
+        }
+        (run_dir / ".hydra").mkdir(exist_ok=True)
+        for name, text in files.items():
+            write_text_atomic(run_dir / ".hydra" / name, text, f"Hydra's {name}")
+    if _RUN_LOCK is not None:
+        _RUN_LOCK.note_pid()
 
 
 # --------------------------------------------------------------------------------------
