@@ -55,6 +55,14 @@ def _mul(a, b) -> float:
     return float(a) * float(b)
 
 
+def _pid() -> int:
+    """This process's id, for a default run directory of its own (two runs started in the same
+    second get two); under torchrun the launcher's, which every local rank shares."""
+    import os
+
+    return os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else os.getpid()
+
+
 def register_resolvers() -> None:
     """Register the resolvers above (idempotent)."""
     for name, fn in {
@@ -62,6 +70,7 @@ def register_resolvers() -> None:
         "run_fraction": _run_fraction,
         "run_remainder": _run_remainder,
         "mul": _mul,
+        "pid": _pid,
     }.items():
         OmegaConf.register_new_resolver(name, fn, replace=True)
 

@@ -162,3 +162,25 @@ def test_every_scheduler_fits_every_experiment(experiment, scheduler):
     optimizer = instantiate(cfg.optimizer, _convert_="all")([torch.nn.Parameter(torch.zeros(3))])
     scheduler_ = instantiate(cfg.scheduler, _convert_="all")(optimizer)
     assert schedule_misfits(scheduler_, cfg) == []
+
+
+def test_the_default_run_dir_is_one_per_process():
+    """Two runs started in the same second get two run directories: the default names the
+    process (outputs/DATE/TIME-PID), so this process and another one resolve different ones."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "from imgcls.config import compose_config; from omegaconf import OmegaConf; "
+        "cfg = compose_config([], return_hydra_config=True)[0]; "
+        "print(OmegaConf.select(cfg, 'hydra.run.dir')); print(OmegaConf.select(cfg, 'hydra.sweep.dir'))"
+    )
+    root = Path(__file__).resolve().parent.parent
+    child = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, check=True)
+    cfg, _ = compose_config([], return_hydra_config=True)
+    mine = [OmegaConf.select(cfg, "hydra.run.dir"), OmegaConf.select(cfg, "hydra.sweep.dir")]
+    assert mine[0].startswith("outputs/") and mine[0].endswith(f"-{os.getpid()}")
+    assert mine[1].startswith("multirun/") and mine[1].endswith(f"-{os.getpid()}")
+    theirs = child.stdout.split()
+    assert len(theirs) == 2 and theirs[0] != mine[0] and theirs[1] != mine[1]
