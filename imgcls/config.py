@@ -55,6 +55,12 @@ def _mul(a, b) -> float:
     return float(a) * float(b)
 
 
+def _project_dir(sub: str = "") -> str:
+    """``${project_dir:data}``: a folder of the project (the one holding conf/), absolute; the
+    default data root, the same wherever train.py is launched from."""
+    return str(CONF_DIR.parent / sub) if sub else str(CONF_DIR.parent)
+
+
 def _pid() -> int:
     """This process's id, for a default run directory of its own (two runs started in the same
     second get two); under torchrun the launcher's, which every local rank shares."""
@@ -71,6 +77,7 @@ def register_resolvers() -> None:
         "run_remainder": _run_remainder,
         "mul": _mul,
         "pid": _pid,
+        "project_dir": _project_dir,
     }.items():
         OmegaConf.register_new_resolver(name, fn, replace=True)
 

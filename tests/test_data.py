@@ -199,14 +199,19 @@ def test_failed_download_gives_the_same_clear_error(tmp_path, monkeypatch):
     assert "experiment=smoke" in msg and "data=image_folder" in msg
 
 
-def test_relative_root_is_resolved_against_project_root_not_cwd(tmp_path, monkeypatch):
+def test_a_relative_root_is_resolved_against_the_launch_directory(tmp_path, monkeypatch):
+    """One rule for every path: relative to where the command was launched (the cwd), "~"
+    expanded; the default root (no root given, ${project_dir:data} in conf/) is the project's data/."""
     monkeypatch.chdir(tmp_path)
     rel = "no-such-data-dir-for-tests"
     with pytest.raises(DataNotFoundError) as ei:
         cifar10(root=rel, download=False).load()
-    assert str(D.PROJECT_ROOT / rel / "cifar-10-python.tar.gz") in str(ei.value)
-    assert not (D.PROJECT_ROOT / rel).exists() and not (tmp_path / rel).exists()
+    assert str(tmp_path / rel / "cifar-10-python.tar.gz") in str(ei.value)
+    assert not (tmp_path / rel).exists() and not (D.PROJECT_ROOT / rel).exists()  # nothing created
+    with pytest.raises(ValueError, match=f"^data.dataset.path: {tmp_path / 'mysub'} does not exist"):
+        image_folder(path="mysub")
     assert D.resolve_path("~/x") == Path(os.path.expanduser("~/x"))
+    assert D._data_root(None) == D.PROJECT_ROOT / "data"
 
 
 def test_a_data_option_is_a_builder_of_its_own_keys():
