@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from imgcls import distributed
 from imgcls.config import (
+    check_filled_in,
     check_writable,
     config_errors,
     device_switch,
@@ -50,9 +51,16 @@ EXIT_JOB_FAILED = 1  # a multirun ran every job and some failed (the sweep summa
 
 def cli() -> None:
     """The command line: a config that cannot be composed is refused here in one line (exit 2)
-    before Hydra starts; then Hydra runs main (once, or once per job of a multirun)."""
-    preflight(sys.argv[1:])
-    main()
+    before Hydra starts; then Hydra runs main (once, or once per job of a multirun). Ctrl-C
+    before training (or after it) ends it in one line, exit 130 (during training: a checkpoint
+    first, see StopRequest)."""
+    try:
+        preflight(sys.argv[1:])
+        main()
+    except KeyboardInterrupt:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        interrupted()
     from imgcls import sweep
 
     if sweep.FAILED_JOBS:  # a multirun whose jobs all ran, some refused (each said why in one line)
@@ -73,7 +81,8 @@ def recipe(cfg: DictConfig, run_dir: Path) -> float | None:
     from imgcls.checkpoint import resume
 
     composed = OmegaConf.to_yaml(cfg)  # as Hydra composed it: .hydra/config.yaml, once accepted
-    validate_config(cfg)  # 1. config (fails before any work)
+    check_filled_in(cfg)  # 1. config (fails before any work): schedule.steps_per_epoch is ours
+    validate_config(cfg)
     check_writable(run_dir)  #    the run directory
     device = pick_device(cfg)  #    the device
     dist, device, run_dir = join_ranks(device, run_dir)  #    torchrun: one process per device
@@ -126,6 +135,12 @@ def lock_run_dir(run_dir: Path, dist) -> None:
 _RUN_LOCK = None
 
 
+def interrupted() -> None:
+    """Ctrl-C outside the training loop: one line, exit 130 (what was saved is intact)."""
+    print("interrupted: Ctrl-C; stopped (what was saved is intact)", file=sys.stderr, flush=True)
+    sys.exit(EXIT_SIGNAL["SIGINT"])
+
+
 class exit_cleanly:
     """Known faults end the process with one line on stderr and a documented exit code
     (HYDRA_FULL_ERROR=1 shows the traceback instead). A run that fails at start-up leaves no
@@ -143,6 +158,13 @@ class exit_cleanly:
     def __exit__(self, kind, exc, tb):
         if kind is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             return False
+        if issubclass(kind, KeyboardInterrupt):  # Ctrl-C at start-up (or after training)
+            if self.run_dir is not None and _RUN_LOCK is not None and _RUN_LOCK.path.parent == self.run_dir:
+                from imgcls.runlock import remove_if_unused
+
+                _RUN_LOCK.release()
+                remove_if_unused(self.run_dir)  # only a directory with nothing but start-up files
+            interrupted()
         from omegaconf.errors import OmegaConfBaseException
 
         from imgcls.checkpoint import CheckpointError

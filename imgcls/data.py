@@ -381,12 +381,18 @@ def _extract_atomic(archive: Path, dest: Path, subfolder: str | None = None, cac
 
 
 def _not_found_message(name: str, root: Path, archive: Path, folder: Path, cause: str = "") -> str:
+    """``cause``: why downloading failed (then downloading again is not the advice)."""
+    fetch = (
+        f"  copy {archive.name} into {root}   (fetched elsewhere: this machine could not download it)"
+        if cause
+        else f"  data.dataset.download=true                download it into data.dataset.root={root}"
+    )
     lines = [
         f"data={name}: the official archive was not found{cause}.",
         f"  expected: {archive}",
         f"        or: its extracted folder {folder}",
         "Do one of:",
-        f"  data.dataset.download=true                download it into data.dataset.root={root}",
+        fetch,
         f"  data.dataset.root=/path/with/the/archive  a folder that holds {archive.name}",
         "  data=image_folder data.dataset.path=/path/to/tree_or_archive",
         "                                            train/<class>/* and test/<class>/* images (a folder or .tar.gz)",

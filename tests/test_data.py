@@ -197,6 +197,8 @@ def test_failed_download_gives_the_same_clear_error(tmp_path, monkeypatch):
     msg = str(ei.value)
     assert "no network" in msg and str(tmp_path / "cifar-100-python.tar.gz") in msg
     assert "experiment=smoke" in msg and "data=image_folder" in msg
+    # downloading is what just failed: not the advice; fetching the archive elsewhere is
+    assert "data.dataset.download=true" not in msg and f"copy cifar-100-python.tar.gz into {tmp_path}" in msg
 
 
 def test_a_relative_root_is_resolved_against_the_launch_directory(tmp_path, monkeypatch):

@@ -232,3 +232,18 @@ def test_predict_with_no_readable_image_one_error_line_no_csv(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: images: none of the 2 files") and err.count("\n") == 1, err
     assert not out.exists() and not list(tmp_path.glob(".p.csv*"))
+
+
+@pytest.mark.parametrize("module,function", [(evaluate, "evaluate_checkpoint"), (predict, "predict")])
+def test_ctrl_c_is_one_line_and_exit_130(module, function, tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, function, interrupted)
+    try:
+        code = module.main([f"checkpoint={tmp_path}", f"images={tmp_path}"][: 2 if module is predict else 1])
+    except KeyboardInterrupt:
+        pytest.fail("the KeyboardInterrupt escaped (a traceback)")
+    assert code == 130
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted: ") and err.count("\n") == 1, err

@@ -184,7 +184,16 @@ def test_every_relative_path_is_the_launch_directorys(tmp_path):
     small = ["trainer.batch_size=4", "trainer.epochs=1", "model.width=8", "trainer.device=cpu"]
     run(*train_cmd(*data, *small, "hydra.run.dir=run1"))
     assert (tmp_path / "run1" / "results.json").is_file() and list((tmp_path / "droot" / "cache").iterdir())
-    run(*train_cmd(*data, *small, "trainer.epochs=2", "resume=run1/checkpoints/last.pt", "hydra.run.dir=run2"))
+    run(
+        *train_cmd(
+            *data,
+            *small,
+            "trainer.epochs=2",
+            "resume=run1/checkpoints/last.pt",
+            "resume_force=true",
+            "hydra.run.dir=run2",
+        )
+    )
     assert json.loads((tmp_path / "run2" / "results.json").read_text())["steps"] == 4
     run(sys.executable, "-m", "imgcls.evaluate", "checkpoint=run2", "out=ev")
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["images"] == 4
