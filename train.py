@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from imgcls import distributed
 from imgcls.config import (
+    check_filled_in,
     check_writable,
     config_errors,
     device_switch,
@@ -45,13 +46,25 @@ EXIT_SIGNAL = {"SIGTERM": 143, "SIGINT": 130}  # 128 + signal number, as a shell
 EXIT_BAD_INPUT = 2  # a config value, a data file or a checkpoint was refused at start-up
 EXIT_NONFINITE = 3  # the training loss became NaN or inf (the last good checkpoint is kept)
 EXIT_WRITE_FAULT = 4  # a file could not be written: disk full, read-only (what was saved is intact)
+EXIT_JOB_FAILED = 1  # a multirun ran every job and some failed (the sweep summary marks them)
 
 
 def cli() -> None:
     """The command line: a config that cannot be composed is refused here in one line (exit 2)
-    before Hydra starts; then Hydra runs main (once, or once per job of a multirun)."""
-    preflight(sys.argv[1:])
-    main()
+    before Hydra starts; then Hydra runs main (once, or once per job of a multirun). Ctrl-C
+    before training (or after it) ends it in one line, exit 130 (during training: a checkpoint
+    first, see StopRequest)."""
+    try:
+        preflight(sys.argv[1:])
+        main()
+    except KeyboardInterrupt:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        interrupted()
+    from imgcls import sweep
+
+    if sweep.FAILED_JOBS:  # a multirun whose jobs all ran, some refused (each said why in one line)
+        sys.exit(EXIT_JOB_FAILED)
 
 
 @hydra.main(config_path=str(Path(__file__).resolve().parent / "conf"), config_name="config", version_base="1.3")
@@ -59,14 +72,17 @@ def main(cfg: DictConfig) -> float | None:
     """Returns the best validation accuracy (the test accuracy without a validation split): the
     objective of hparams_search sweeps."""
     run_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
-    with exit_cleanly(run_dir):
+    with exit_cleanly(run_dir) as outcome:
         return recipe(cfg, run_dir)
+    return outcome.failed  # a refused job of a multirun (imgcls.sweep.JobFailed): the next one runs
 
 
 def recipe(cfg: DictConfig, run_dir: Path) -> float | None:
     from imgcls.checkpoint import resume
 
-    validate_config(cfg)  # 1. config (fails before any work)
+    composed = OmegaConf.to_yaml(cfg)  # as Hydra composed it: .hydra/config.yaml, once accepted
+    check_filled_in(cfg)  # 1. config (fails before any work): schedule.steps_per_epoch is ours
+    validate_config(cfg)
     check_writable(run_dir)  #    the run directory
     device = pick_device(cfg)  #    the device
     dist, device, run_dir = join_ranks(device, run_dir)  #    torchrun: one process per device
@@ -77,8 +93,8 @@ def recipe(cfg: DictConfig, run_dir: Path) -> float | None:
     optimizer = build_optimizer(cfg, model, device)  # 5. optimizer
     scheduler = build_scheduler(cfg, optimizer)  # 6. scheduler
     extras = build_extras(cfg, model, device, data)  #    grad scaler, averaged weights, data info
-    write_config(cfg, run_dir, dist)  #    the resolved config, beside .hydra/
     state = resume(cfg, run_dir, model, optimizer, scheduler, dist, extras)  # 7. resume
+    write_config(cfg, run_dir, dist, composed)  #    accepted: config.yaml and .hydra/ (not before)
     if state.epoch >= cfg.trainer.epochs:
         print(f"run in {run_dir} already finished at step {state.step}: nothing to do")
         if not (run_dir / "results.json").exists():  # its writing failed (a full disk): once more
@@ -113,19 +129,28 @@ def lock_run_dir(run_dir: Path, dist) -> None:
     if dist.is_main:
         if _RUN_LOCK is not None:
             _RUN_LOCK.release()  # the previous job of a multirun, in this process
-        _RUN_LOCK = RunLock(run_dir).acquire()
+        _RUN_LOCK = RunLock(run_dir).acquire(note_pid=False)  # the PID once the config is accepted
 
 
 _RUN_LOCK = None
 
 
+def interrupted() -> None:
+    """Ctrl-C outside the training loop: one line, exit 130 (what was saved is intact)."""
+    print("interrupted: Ctrl-C; stopped (what was saved is intact)", file=sys.stderr, flush=True)
+    sys.exit(EXIT_SIGNAL["SIGINT"])
+
+
 class exit_cleanly:
     """Known faults end the process with one line on stderr and a documented exit code
     (HYDRA_FULL_ERROR=1 shows the traceback instead). A run that fails at start-up leaves no
-    empty run directory behind (imgcls.runlock.remove_if_unused: start-up files only)."""
+    empty run directory behind (imgcls.runlock.remove_if_unused: start-up files only). In a
+    multirun the job ends instead, after the same one line: ``failed`` is then what main returns
+    (an imgcls.sweep.JobFailed, which the sweep summary marks failed), and the next job runs."""
 
     def __init__(self, run_dir: Path | None = None):
         self.run_dir = run_dir
+        self.failed = None
 
     def __enter__(self):
         return self
@@ -133,6 +158,13 @@ class exit_cleanly:
     def __exit__(self, kind, exc, tb):
         if kind is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             return False
+        if issubclass(kind, KeyboardInterrupt):  # Ctrl-C at start-up (or after training)
+            if self.run_dir is not None and _RUN_LOCK is not None and _RUN_LOCK.path.parent == self.run_dir:
+                from imgcls.runlock import remove_if_unused
+
+                _RUN_LOCK.release()
+                remove_if_unused(self.run_dir)  # only a directory with nothing but start-up files
+            interrupted()
         from omegaconf.errors import OmegaConfBaseException
 
         from imgcls.checkpoint import CheckpointError
@@ -155,7 +187,10 @@ class exit_cleanly:
         from hydra.types import RunMode
 
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-            return False  # Hydra marks this job failed and runs the next one
+            from imgcls.sweep import JobFailed
+
+            self.failed = JobFailed(code, str(exc))  # no Hydra traceback; the next job runs
+            return True
         sys.exit(code)
 
 
@@ -321,11 +356,32 @@ def build_extras(cfg: DictConfig, model, device, data: Data) -> Extras:
     return Extras(precision, make_scaler(device, precision), averaging, data.info)
 
 
-def write_config(cfg: DictConfig, run_dir: Path, dist) -> None:
+def write_config(cfg: DictConfig, run_dir: Path, dist, composed: str | None = None) -> None:
+    """The run's config files, written once this process holds the run lock and its config was
+    accepted (a refused start leaves an existing run directory as it was): ``config.yaml`` (the
+    resolved config), and under Hydra ``.hydra/config.yaml`` (``composed``, as Hydra composed
+    it), ``.hydra/hydra.yaml`` and ``.hydra/overrides.yaml``, which Hydra itself would write
+    before the run starts (conf/config.yaml: ``hydra.output_subdir: null``). Then the lock
+    file names this process."""
+    from hydra.core.hydra_config import HydraConfig
+
     from imgcls.io import write_text_atomic
 
-    if dist.is_main:
-        write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True), "the resolved config")
+    if not dist.is_main:
+        return
+    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True), "the resolved config")
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        files = {
+            "config.yaml": composed if composed is not None else OmegaConf.to_yaml(cfg),
+            "hydra.yaml": OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})),
+            "overrides.yaml": OmegaConf.to_yaml(hydra_cfg.overrides.task),
+        }
+        (run_dir / ".hydra").mkdir(exist_ok=True)
+        for name, text in files.items():
+            write_text_atomic(run_dir / ".hydra" / name, text, f"Hydra's {name}")
+    if _RUN_LOCK is not None:
+        _RUN_LOCK.note_pid()
 
 
 # --------------------------------------------------------------------------------------

@@ -387,16 +387,21 @@ def resume(cfg: DictConfig, run_dir: Path, model, optimizer, scheduler, dist, ex
         extras.load_state_dict(ckpt, path)
     set_rng_state(ckpt["rng"])
     state.load(ckpt["state"])
+    if state.epoch < cfg.trainer.epochs and all(float(lr) == 0.0 for lr in scheduler.get_last_lr()):
+        # refused before any file changes (a refused start leaves the run directory as it was)
+        said = (
+            f"the saved schedule has already brought the lr to 0 (step {state.step}); the epochs from "
+            f"{state.epoch} to {cfg.trainer.epochs} would train at lr 0 (a checkpoint's schedule keeps its lengths)"
+        )
+        if not cfg.resume_force:
+            raise ValueError(
+                f"trainer.epochs: {cfg.trainer.epochs} is not accepted for resuming {path}: {said}; start a "
+                f"new run directory to train longer, or pass resume_force=true to train at lr 0 anyway"
+            )
+        print(f"warning: resume: {said}: training at lr 0 (resume_force=true)", flush=True)
     if dist.is_main:
         trim_metrics(run_dir / "metrics.jsonl", state.step)
     print(f"resumed from {path} at step {state.step} (epoch {state.epoch}, batch {state.batch})", flush=True)
-    if state.epoch < cfg.trainer.epochs and all(float(lr) == 0.0 for lr in scheduler.get_last_lr()):
-        print(
-            f"warning: resume: the saved schedule has already brought the lr to 0 (step {state.step}); "
-            f"the epochs from {state.epoch} to {cfg.trainer.epochs} would train at lr 0 (a checkpoint's "
-            f"schedule keeps its lengths): start a new run directory to train longer",
-            flush=True,
-        )
     return state
 
 

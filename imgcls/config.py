@@ -55,6 +55,20 @@ def _mul(a, b) -> float:
     return float(a) * float(b)
 
 
+def _project_dir(sub: str = "") -> str:
+    """``${project_dir:data}``: a folder of the project (the one holding conf/), absolute; the
+    default data root, the same wherever train.py is launched from."""
+    return str(CONF_DIR.parent / sub) if sub else str(CONF_DIR.parent)
+
+
+def _pid() -> int:
+    """This process's id, for a default run directory of its own (two runs started in the same
+    second get two); under torchrun the launcher's, which every local rank shares."""
+    import os
+
+    return os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else os.getpid()
+
+
 def register_resolvers() -> None:
     """Register the resolvers above (idempotent)."""
     for name, fn in {
@@ -62,6 +76,8 @@ def register_resolvers() -> None:
         "run_fraction": _run_fraction,
         "run_remainder": _run_remainder,
         "mul": _mul,
+        "pid": _pid,
+        "project_dir": _project_dir,
     }.items():
         OmegaConf.register_new_resolver(name, fn, replace=True)
 
@@ -391,7 +407,14 @@ def preflight(argv) -> None:
     ):
         return
     try:
-        cfg, _ = compose_config(_one_job(args.overrides) if args.multirun else args.overrides)
+        cfg, _ = compose_config(_one_job(args.overrides) if args.multirun else args.overrides, return_hydra_config=True)
+        check_filled_in(cfg)
+        if args.multirun:
+            check_sweeper_objective(cfg)
+        from omegaconf import open_dict
+
+        with open_dict(cfg):
+            del cfg["hydra"]
         if args.cfg == "job" and args.resolve and not args.package:
             fill_steps_per_epoch(cfg)
             OmegaConf.resolve(cfg)
@@ -402,6 +425,29 @@ def preflight(argv) -> None:
             raise
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_BAD_INPUT)
+
+
+def check_filled_in(cfg: DictConfig) -> None:
+    """``schedule.steps_per_epoch`` is train.py's to fill in from the data: a value given is refused
+    (it would be silently replaced)."""
+    if not OmegaConf.is_missing(cfg.schedule, "steps_per_epoch"):
+        raise ConfigError(
+            f"schedule.steps_per_epoch: {cfg.schedule.steps_per_epoch} is not accepted: train.py fills it in "
+            f"from the data (training images // trainer.batch_size, or trainer.limit_train_batches)"
+        )
+
+
+def check_sweeper_objective(cfg: DictConfig) -> None:
+    """A searching sweeper (Optuna) maximises what train.py returns: the best validation
+    accuracy, or the test accuracy without a validation split. Refused then: it would tune on
+    the test split."""
+    target = str(OmegaConf.select(cfg, "hydra.sweeper._target_", default="") or "")
+    if "optuna" in target.lower() and not cfg.data.get("val_size", 0):
+        raise ConfigError(
+            f"data.val_size: {cfg.data.get('val_size', 0)} is not accepted with the Optuna sweeper: without a "
+            f"validation split it would tune on the test split; hold some training images out, e.g. "
+            f"data.val_size=0.1 (a fraction) or data.val_size=5000 (images)"
+        )
 
 
 def _one_job(overrides) -> list[str]:

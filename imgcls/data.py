@@ -16,8 +16,9 @@ Two parts, used by train.py:
   batches an uninterrupted run would have seen.
 
 All paths in messages and logs are absolute. A relative ``data.dataset.root`` /
-``data.dataset.path`` is resolved against the project root (the folder that holds ``imgcls/``),
-never the cwd.
+``data.dataset.path`` is resolved against the directory train.py was launched from (the cwd), as
+every path of the command line is; the default root, ``${project_dir:data}``, is the project's
+``data/`` folder wherever that is.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from imgcls.io import WriteFault, free_bytes, human_bytes, is_write_fault, torch
 log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-"""The project root: relative ``data.dataset.root`` / ``data.dataset.path`` values are resolved against it."""
+"""The project root (its ``data/`` is the default data root, ``${project_dir:data}`` in conf/data/)."""
 
 _CACHE_VERSION = 1  # bump when the cache layout changes: old cache files are then ignored
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
@@ -92,14 +93,15 @@ class Dataset:
 
 
 def resolve_path(value: str | os.PathLike, key: str = "data.dataset.root") -> Path:
-    """Absolute path for a config value: ``~`` expanded, relative -> against PROJECT_ROOT."""
+    """Absolute path for a config value: ``~`` expanded, relative -> against the cwd (where the
+    command was launched), as every path of the command line."""
     if value is None or str(value) == "":
         raise ValueError(
-            f"{key}: {value!r} is empty; give a folder path (absolute, or relative to the project root {PROJECT_ROOT})"
+            f"{key}: {value!r} is empty; give a folder path (absolute, or relative to the launch directory {os.getcwd()})"
         )
     p = Path(os.path.expanduser(str(value)))
     if not p.is_absolute():
-        p = PROJECT_ROOT / p
+        p = Path.cwd() / p
     return Path(os.path.abspath(p))
 
 
@@ -379,12 +381,18 @@ def _extract_atomic(archive: Path, dest: Path, subfolder: str | None = None, cac
 
 
 def _not_found_message(name: str, root: Path, archive: Path, folder: Path, cause: str = "") -> str:
+    """``cause``: why downloading failed (then downloading again is not the advice)."""
+    fetch = (
+        f"  copy {archive.name} into {root}   (fetched elsewhere: this machine could not download it)"
+        if cause
+        else f"  data.dataset.download=true                download it into data.dataset.root={root}"
+    )
     lines = [
         f"data={name}: the official archive was not found{cause}.",
         f"  expected: {archive}",
         f"        or: its extracted folder {folder}",
         "Do one of:",
-        f"  data.dataset.download=true                download it into data.dataset.root={root}",
+        fetch,
         f"  data.dataset.root=/path/with/the/archive  a folder that holds {archive.name}",
         "  data=image_folder data.dataset.path=/path/to/tree_or_archive",
         "                                            train/<class>/* and test/<class>/* images (a folder or .tar.gz)",
@@ -696,20 +704,20 @@ class DataSource:
     train_size: Callable[[], int] | None = None
 
 
-def cifar10(root: str = "data", download: bool = True) -> DataSource:
+def cifar10(root: str | None = None, download: bool = True) -> DataSource:
     """CIFAR-10 from the official python archive ``cifar-10-python.tar.gz`` in ``root``, the ONE
     data folder of every run (archive, extracted folder and ``cache/``; relative: against the
-    project root); fetched from torchvision's URL when absent and ``download``, its MD5 checked.
+    launch directory; conf/data/ makes it the project's data/); fetched from torchvision's URL when absent and ``download``, its MD5 checked.
     50,000 train / 10,000 test images, 3x32x32, 10 classes."""
     return _official("cifar10", root, download)
 
 
-def cifar100(root: str = "data", download: bool = True) -> DataSource:
+def cifar100(root: str | None = None, download: bool = True) -> DataSource:
     """CIFAR-100 (its 100 fine labels), as ``cifar10``: 50,000 train / 10,000 test images."""
     return _official("cifar100", root, download)
 
 
-def image_folder(path: str, root: str = "data") -> DataSource:
+def image_folder(path: str, root: str | None = None) -> DataSource:
     """``path``: a folder with ``train/<class>/*`` and ``test/<class>/*`` images of one size
     (possibly under one top folder), or a .tar.gz/.tgz/.tar archive of one, extracted once into
     ``<root>/<archive name without extension>/``. Class names are the sorted folder names.
@@ -740,8 +748,9 @@ def _is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
-def _data_root(root: str) -> Path:
-    p = resolve_path(root, "data.dataset.root")
+def _data_root(root: str | None) -> Path:
+    """``root`` resolved (relative: the launch directory's); None: the project's data/."""
+    p = PROJECT_ROOT / "data" if root is None else resolve_path(root, "data.dataset.root")
     if p.exists() and not p.is_dir():
         raise ValueError(f"data.dataset.root: {p} exists but is not a folder; give a folder path")
     return p

@@ -5,10 +5,17 @@
     python -m imgcls.evaluate checkpoint=outputs/run1 data.dataset.path=/other/folder   # same classes
     python -m imgcls.evaluate checkpoint=outputs/run1 weights=raw     # not the EMA/SWA weights
 
+Arguments (key=value): checkpoint (required), split (test|val), out, device (auto|cpu|cuda),
+batch_size, weights (auto|raw|ema|swa), and data.<key> overrides of the run's data config.
+Relative paths are relative to the current directory.
+
 The model is rebuilt from the config saved in the checkpoint (no overrides needed); ``data.*``
-overrides change where the images come from. Writes ``metrics.json``, ``confusion.csv`` and
-``confusion.png`` into ``out=`` (default ``<run dir>/eval/<checkpoint>-<split>/``). The
-checkpoint is loaded with ``weights_only=True``: a crafted file cannot run code, and the
+overrides change where the images come from (``split=val`` takes none that changes which images
+are held out). Writes ``metrics.json`` (with the data it scored: ``data``, ``data_overrides``),
+``confusion.csv`` and ``confusion.png`` into ``out=`` (default
+``<run dir>/eval/<checkpoint>-<split>/``; with ``data.*`` overrides
+``<checkpoint>-<split>-data-<digest of the overrides>/``, so other data never overwrites the
+run's own evaluation). The checkpoint is loaded with ``weights_only=True``: a crafted file cannot run code, and the
 model's ``_target_`` must be a function of ``imgcls.models``.
 
 ``run_eval`` is also what train.py evaluates with, so the accuracy printed here for a run's
@@ -171,6 +178,57 @@ def default_out(path: Path, name: str) -> Path:
     return run_dir / "eval" / name
 
 
+# data.* keys that say where the same data lives, or how training augmented it: split=val may change them
+WHERE_DATA_LIVES = ("dataset.root", "dataset.download", "dataset.path", "crop_padding", "flip", "alternating_flip")
+
+
+def check_val_overrides(d, data_overrides: dict) -> None:
+    """``split=val`` scores the run's own held-out images: refuse a ``data.*`` override that would
+    change which images those are (``data.val_size``, the dataset's own keys): they could be
+    training images."""
+    from omegaconf import OmegaConf
+
+    for key, value in data_overrides.items():
+        saved = OmegaConf.select(d, key, default=None)
+        if key in WHERE_DATA_LIVES or value == saved:
+            continue
+        raise ValueError(
+            f"data.{key}: {value!r} is not accepted with split=val (the run used {saved!r}): the "
+            f"validation split is the images the run held out, and this would hold out others, "
+            f"possibly training images; drop it, or score other data with split=test"
+        )
+
+
+def data_digest(data_overrides: dict) -> str:
+    """A short digest of the ``data.*`` overrides: the output folder of an evaluation on other data."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(data_overrides, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def class_mismatch(classes, trained) -> str:
+    """One line naming how the data's classes differ from the checkpoint's."""
+    classes, trained = list(classes), list(trained)
+    missing = [c for c in trained if c not in classes]
+    extra = [c for c in classes if c not in trained]
+    if missing or extra:
+        diff = "; ".join(
+            part
+            for part in (
+                f"missing {missing} (trained on, not in the data)" if missing else "",
+                f"extra {extra} (in the data, not trained on)" if extra else "",
+            )
+            if part
+        )
+    else:
+        i = next(i for i, (a, b) in enumerate(zip(classes, trained)) if a != b)
+        diff = f"the same {len(classes)} names in another order: class {i} is {classes[i]!r}, trained as {trained[i]!r}"
+    return (
+        f"data: the {len(classes)} classes of the data do not match the {len(trained)} classes the "
+        f"checkpoint was trained on: {diff}; evaluate on data with the same class folders"
+    )
+
+
 def load_split(cfg, data_overrides: dict, split: str):
     """(images uint8 [N,3,H,W], labels, class names) of the run's data with ``data.*`` overrides."""
     from omegaconf import OmegaConf, open_dict
@@ -186,6 +244,8 @@ def load_split(cfg, data_overrides: dict, split: str):
             f"{DATA_PREFIX[:-1]} (a checkpoint names no other code to run; one without data.dataset was "
             "written by an older train.py)"
         )
+    if split == "val":
+        check_val_overrides(d, data_overrides)
     with open_dict(d):
         for k, v in data_overrides.items():
             OmegaConf.update(d, k, v, merge=False)
@@ -199,6 +259,8 @@ def load_split(cfg, data_overrides: dict, split: str):
 
 
 def evaluate_checkpoint(args: dict) -> dict:
+    from omegaconf import OmegaConf
+
     from imgcls.data import DeviceLoader
     from imgcls.precision import resolve_precision
 
@@ -211,11 +273,7 @@ def evaluate_checkpoint(args: dict) -> dict:
     info = data_info(ckpt, cfg)
     images, labels, classes = load_split(cfg, args["data"], split)
     if list(classes) != list(info["classes"]):
-        raise ValueError(
-            f"data: the {len(classes)} classes {list(classes)[:5]}... do not match the "
-            f"{len(info['classes'])} classes the checkpoint was trained on "
-            f"{list(info['classes'])[:5]}...; evaluate on data with the same class folders"
-        )
+        raise ValueError(class_mismatch(classes, info["classes"]))
     batch = int(args["batch_size"] or cfg.trainer.eval_batch_size)
     loader = DeviceLoader(
         images, labels, batch, device=device, mean=info["mean"], std=info["std"], train=False, drop_last=False
@@ -235,8 +293,12 @@ def evaluate_checkpoint(args: dict) -> dict:
         "loss": r["loss"],
         "acc": r["acc"],
         "per_class_acc": per_class,
+        "data": OmegaConf.to_container(cfg.data, resolve=True),  # what was scored, overrides applied
+        "data_overrides": args["data"],
     }
     name = f"{path.stem}-{split}" + ("" if args["weights"] == "auto" else f"-{which}")
+    if args["data"]:  # other data: an output of its own, never the run's own evaluation's
+        name += f"-data-{data_digest(args['data'])}"
     out = Path(args["out"]) if args["out"] else default_out(path, name)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -272,10 +334,31 @@ def confusion_png(confusion: torch.Tensor, classes: list[str], path: Path, cell:
     img.save(path)
 
 
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as a shell reports it
+
+
+def interrupted(what: str) -> int:
+    """Ctrl-C: one line instead of a traceback, exit 130."""
+    print(f"interrupted: {what} stopped (Ctrl-C)", file=sys.stderr, flush=True)
+    return EXIT_INTERRUPTED
+
+
+def wants_help(argv) -> bool:
+    """``--help`` / ``-h`` (or ``help``): the module's usage, exit 0."""
+    return any(a in ("--help", "-h", "help") for a in argv)
+
+
+def usage(module: str, doc: str) -> str:
+    return f"usage: python -m {module} key=value ...\n\n{doc.strip()}"
+
+
 def main(argv: list[str] | None = None) -> int:
     from omegaconf.errors import OmegaConfBaseException
 
     argv = sys.argv[1:] if argv is None else argv
+    if wants_help(argv):
+        print(usage("imgcls.evaluate", __doc__))
+        return 0
     try:
         args = parse_args(
             argv,
@@ -285,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, OmegaConfBaseException) as e:  # CheckpointError is a ValueError
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return interrupted("evaluate")
     print(
         f"{r['split']} of {r['checkpoint']} ({r['weights']} weights): {r['images']} images, "
         f"loss {r['loss']:.4f}, accuracy {r['acc']:.4f}"

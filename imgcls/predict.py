@@ -3,10 +3,14 @@
     python -m imgcls.predict checkpoint=outputs/run1 images=photos/          # a folder (recursive)
     python -m imgcls.predict checkpoint=outputs/run1 images='photos/*.jpg' topk=3 out=preds.csv
 
+Arguments (key=value): checkpoint and images (required), out, topk, batch_size, device
+(auto|cpu|cuda), weights (auto|raw|ema|swa). Relative paths are relative to the current directory.
+
 Writes ``out`` (default ``predictions.csv``): file, predicted class, its probability, and the
 top-k classes with probabilities. Images are decoded in batches of ``batch_size`` and run on
 the device; an image of another size is resized to the training size (said once); a file that
-cannot be read is reported by name and skipped. The checkpoint is the same as for
+cannot be read is reported by name and skipped; when none can be read, one ``error:`` line,
+exit code 2, and no CSV (an existing ``out`` is left as it was). The checkpoint is the same as for
 ``python -m imgcls.evaluate`` (a run directory means its best.pt, else last.pt).
 """
 
@@ -14,13 +18,24 @@ from __future__ import annotations
 
 import csv
 import glob
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from imgcls.evaluate import EXIT_BAD_INPUT, data_info, load_model, parse_args, pick_device, resolve_checkpoint
+from imgcls.evaluate import (
+    EXIT_BAD_INPUT,
+    data_info,
+    interrupted,
+    load_model,
+    parse_args,
+    pick_device,
+    resolve_checkpoint,
+    usage,
+    wants_help,
+)
 
 
 def list_images(spec) -> list[Path]:
@@ -74,53 +89,66 @@ def predict(args: dict) -> dict:
     precision = resolve_precision(cfg.trainer.precision, device)
     out = Path(args["out"])
     out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # becomes out once an image was predicted
     skipped, resized, written = [], 0, 0
-    with open(out, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["file", "class", "probability", f"top{k}"])
-        for lo in range(0, len(files), batch):
-            names, arrays = [], []
-            for file in files[lo : lo + batch]:
-                try:
-                    with Image.open(file) as im:
-                        im = im.convert("RGB")
-                        if im.size != (w, h):
-                            if resized == 0:
-                                print(
-                                    f"resizing images of another size to the training size {w}x{h} "
-                                    f"(first: {file}, {im.size[0]}x{im.size[1]})",
-                                    flush=True,
-                                )
-                            resized += 1
-                            im = im.resize((w, h), Image.BILINEAR)
-                        arrays.append(np.asarray(im, dtype=np.uint8))
-                    names.append(file)
-                except Exception as e:  # one bad file must not stop the others
-                    print(
-                        f"skipped {file}: not a readable image ({type(e).__name__}: {e})", file=sys.stderr, flush=True
+    held = []  # skipped-file lines before the first readable image: none readable -> one error line
+    try:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["file", "class", "probability", f"top{k}"])
+            for lo in range(0, len(files), batch):
+                names, arrays = [], []
+                for file in files[lo : lo + batch]:
+                    try:
+                        with Image.open(file) as im:
+                            im = im.convert("RGB")
+                            if im.size != (w, h):
+                                if resized == 0:
+                                    print(
+                                        f"resizing images of another size to the training size {w}x{h} "
+                                        f"(first: {file}, {im.size[0]}x{im.size[1]})",
+                                        flush=True,
+                                    )
+                                resized += 1
+                                im = im.resize((w, h), Image.BILINEAR)
+                            arrays.append(np.asarray(im, dtype=np.uint8))
+                        names.append(file)
+                    except Exception as e:  # one bad file must not stop the others
+                        held.append(f"skipped {file}: not a readable image ({type(e).__name__}: {e})")
+                        skipped.append(str(file))
+                if not arrays:
+                    continue
+                for line in held:  # an image was readable: the skipped ones are named as usual
+                    print(line, file=sys.stderr, flush=True)
+                held = []
+                x = torch.from_numpy(np.stack(arrays)).to(device).permute(0, 3, 1, 2)
+                x = (x.float() / 255 - mean) / std
+                with torch.no_grad(), autocast(device, precision):
+                    logits = model(x).float()
+                    if cfg.trainer.tta_flip:
+                        logits = (logits + model(x.flip(-1)).float()) / 2
+                probs = logits.softmax(1)
+                top_p, top_i = probs.topk(k, dim=1)
+                top_p, top_i = top_p.cpu().tolist(), top_i.cpu().tolist()
+                for name, ps, ids in zip(names, top_p, top_i):
+                    writer.writerow(
+                        [
+                            str(name),
+                            classes[ids[0]],
+                            f"{ps[0]:.6f}",
+                            " ".join(f"{classes[i]}:{p:.4f}" for i, p in zip(ids, ps)),
+                        ]
                     )
-                    skipped.append(str(file))
-            if not arrays:
-                continue
-            x = torch.from_numpy(np.stack(arrays)).to(device).permute(0, 3, 1, 2)
-            x = (x.float() / 255 - mean) / std
-            with torch.no_grad(), autocast(device, precision):
-                logits = model(x).float()
-                if cfg.trainer.tta_flip:
-                    logits = (logits + model(x.flip(-1)).float()) / 2
-            probs = logits.softmax(1)
-            top_p, top_i = probs.topk(k, dim=1)
-            top_p, top_i = top_p.cpu().tolist(), top_i.cpu().tolist()
-            for name, ps, ids in zip(names, top_p, top_i):
-                writer.writerow(
-                    [
-                        str(name),
-                        classes[ids[0]],
-                        f"{ps[0]:.6f}",
-                        " ".join(f"{classes[i]}:{p:.4f}" for i, p in zip(ids, ps)),
-                    ]
-                )
-                written += 1
+                    written += 1
+        if not written:
+            first = held[0].split(": ", 1)[1] if held else ""
+            raise ValueError(
+                f"images: none of the {len(files)} files of {str(args['images'])!r} is a readable image "
+                f"(first: {skipped[0]}: {first}); no predictions written"
+            )
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return {
         "checkpoint": str(path),
         "weights": which,
@@ -133,6 +161,9 @@ def predict(args: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if wants_help(argv):
+        print(usage("imgcls.predict", __doc__))
+        return 0
     try:
         args = parse_args(
             argv,
@@ -152,13 +183,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return interrupted("predict")
     print(
         f"predicted {r['written']} images with {r['checkpoint']} ({r['weights']} weights) -> {r['out']}"
         + (f"; skipped {len(r['skipped'])} unreadable" if r["skipped"] else "")
         + (f"; resized {r['resized']}" if r["resized"] else ""),
         flush=True,
     )
-    return 0 if r["written"] else EXIT_BAD_INPUT
+    return 0
 
 
 if __name__ == "__main__":

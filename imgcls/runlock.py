@@ -26,7 +26,9 @@ class RunLock:
         self.path = Path(run_dir) / LOCK_NAME
         self.fd = None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self, note_pid: bool = True) -> "RunLock":
+        """``note_pid=False``: the lock file keeps what it holds until ``note_pid()`` (train.py
+        notes its PID once its config was accepted: a refused start changes no file)."""
         import fcntl
 
         from imgcls.io import WriteFault, is_write_fault
@@ -51,15 +53,22 @@ class RunLock:
                 f"hydra.run.dir: {self.path.parent} is in use by another training process (PID {holder}); "
                 f"wait for it to end or stop it, or choose another hydra.run.dir"
             ) from None
-        try:  # our PID, for the message a second process prints; the lock holds without it
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        if note_pid:
+            self.note_pid()
+        return self
+
+    def note_pid(self) -> None:
+        """Our PID into the lock file, for the message a second process prints; the lock holds without it."""
+        from imgcls.io import is_write_fault
+
+        try:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
         except OSError as e:
             if not is_write_fault(e):  # a full disk: the first file the run writes reports it
-                os.close(fd)
+                self.release()
                 raise
-        self.fd = fd
-        return self
 
     def release(self) -> None:
         if self.fd is not None:

@@ -3,9 +3,12 @@
 Each job writes ``status.json`` into its own directory when it ends (in whatever process the
 launcher ran it), and at the end of the multirun the callback reads every job directory of
 the sweep and writes ``summary.csv`` and ``summary.md`` there, and prints the table. A failed
-job is listed as failed, with its error; it does not stop the others. Hydra then ends the
-multirun with the failed job's error (exit code 1) and never calls ``on_multirun_end``: the table
-is printed at exit instead, after Hydra's message, so a sweep always ends with its table.
+job is listed as failed, with its error; it does not stop the others. A job train.py refused
+(bad input, exit code 2 alone; a NaN loss, 3; a write fault, 4) prints the same one ``error:``
+line as a single run and returns a ``JobFailed``; once every job ran, train.py exits 1
+(``FAILED_JOBS``). Any other error reaches Hydra, which ends the multirun with it (exit code 1)
+and never calls ``on_multirun_end``: the table is printed at exit instead, after Hydra's
+message, so a sweep always ends with its table.
 
 Columns say which split a number comes from: ``*_val_acc`` on the validation split (``data.val_size``),
 ``*_test_acc`` on the test split (read once, at the end of each job; ``best_test_acc`` exists only
@@ -28,6 +31,23 @@ from omegaconf import DictConfig
 from imgcls.io import WriteFault, write_text_atomic
 
 EXIT_WRITE_FAULT = 4  # as train.py: a file could not be written (disk full, read-only)
+FAILED_JOBS = 0  # failed jobs of the multirun in this process, once its table is printed (train.py exits 1)
+
+
+class JobFailed:
+    """What train.py's main returns for a multirun job it refused: the exit code the job would
+    have had alone and its one-line error (already printed). Picklable (joblib workers). Not a
+    number: an Optuna sweeper records the trial as failed and goes on."""
+
+    def __init__(self, code: int, message: str):
+        self.code, self.message = code, message
+
+    def __str__(self) -> str:
+        return f"{self.message} (exit code {self.code})"
+
+    def __float__(self) -> float:
+        raise TypeError(f"the job failed: {self}")
+
 
 COLUMNS = (
     "job",
@@ -70,7 +90,7 @@ class SweepSummary(Callback):
         if str(config.hydra.mode) != "RunMode.MULTIRUN":
             return  # a single run has results.json; the table is for sweeps
         run_dir = Path(config.hydra.runtime.output_dir)
-        failed = job_return.status.name == "FAILED"
+        failed = job_return.status.name == "FAILED" or isinstance(job_return._return_value, JobFailed)
         status = {
             "overrides": list(config.hydra.overrides.task),
             "status": "failed" if failed else "completed",
@@ -102,6 +122,8 @@ class SweepSummary(Callback):
         write_summary(sweep_dir, rows)
         print(markdown_table(rows), flush=True)
         failed = sum(r["status"] == "failed" for r in rows)
+        global FAILED_JOBS
+        FAILED_JOBS = failed
         print(
             f"sweep summary: {sweep_dir / 'summary.csv'} and {sweep_dir / 'summary.md'}"
             + (f" ({failed} of {len(rows)} jobs failed)" if failed else ""),

@@ -71,13 +71,23 @@ def files(tmp_path_factory):
         "empty_class": _image_tree(tmp / "empty_class", [8, 8], empty=("train", "b")),
         "non_image": _image_tree(tmp / "non_image", [8, 8], extra="notes.txt"),
         "mixed_sizes": _image_tree(tmp / "mixed_sizes", [8, 16]),
+        "finished_run": _finished_run(tmp / "finished_run"),
     }
+
+
+def _finished_run(run):
+    """A finished 1-epoch smoke run: warmup_linear has brought its lr to 0."""
+    from tests.conftest import run_recipe
+
+    run_recipe(run, "experiment=smoke", "trainer.epochs=1")
+    return run
 
 
 def run_in_process(args, run_dir):
     if not any(a.startswith("hydra.run.dir=") for a in args):
         args = [*args, f"hydra.run.dir={run_dir}"]
-    argv, sys.argv = sys.argv, ["train.py", "experiment=smoke", *args]
+    flags = [a for a in args if a.startswith("-")]  # -m: before the overrides, as Hydra's parser wants
+    argv, sys.argv = sys.argv, ["train.py", *flags, "experiment=smoke", *(a for a in args if a not in flags)]
     err, out = io.StringIO(), io.StringIO()
     code = 0
     try:
@@ -104,3 +114,20 @@ def test_bad_input_row(number, given, code, says, files, tmp_path, monkeypatch):
     metrics = tmp_path / "run" / "metrics.jsonl"
     assert not metrics.exists() or metrics.read_text() == "", "a training step ran"
     assert not (files["tmp"] / "pwned").exists(), "code ran from a checkpoint"
+
+
+def test_ctrl_c_at_start_up_is_one_line_and_exit_130(tmp_path, monkeypatch):
+    """KeyboardInterrupt before training (here: while the data loads) ends train.py with one
+    line and exit code 130, leaving no empty run directory."""
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "load_data", interrupted)
+    try:
+        code, stderr = run_in_process([], tmp_path / "run")
+    except KeyboardInterrupt:
+        pytest.fail("the KeyboardInterrupt escaped train.py (a traceback)")
+    assert code == 130 and stderr.startswith("interrupted: Ctrl-C") and stderr.count("\n") == 1, stderr
+    assert not (tmp_path / "run").exists()

@@ -21,6 +21,11 @@ CONF = Path(__file__).resolve().parent.parent / "conf"
 OPTIONS = sorted((str(p.parent.relative_to(CONF)), p.stem) for p in CONF.rglob("*.yaml") if p.parent != CONF)
 # What an option needs from outside to compose (image_folder has no default path).
 NEEDS = {("data", "image_folder"): ["data.dataset.path=/some/folder"]}
+# A preset's per-scheduler keys (conf/experiment_scheduler/<experiment>_<scheduler>.yaml) are
+# composed as Hydra picks them: with that experiment and that scheduler.
+for _e in (p.stem for p in (CONF / "experiment").glob("*.yaml")):
+    for _p in (CONF / "experiment_scheduler").glob(f"{_e}_*.yaml"):
+        NEEDS[("experiment_scheduler", _p.stem)] = [f"experiment={_e}", f"scheduler={_p.stem[len(_e) + 1 :]}"]
 # Options that need an optional extra: the _target_ they name -> the package (and extra).
 OPTIONAL = {"timm_model": "timm", "WandbLogger": "wandb", "MLflowLogger": "mlflow"}
 
@@ -40,7 +45,7 @@ def test_the_walk_found_every_group():
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_composes_validates_and_instantiates(group, option, tmp_path):
-    cfg = compose_with(f"{group}={option}", *NEEDS.get((group, option), []))
+    cfg = compose_with(*NEEDS.get((group, option), []), f"{group}={option}")
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     validate_config(cfg)  # (the device is picked later: a GPU preset validates here too)
     for target, package in OPTIONAL.items():  # an optional extra that is not installed: skipped, saying so
@@ -137,3 +142,45 @@ def test_resume_tolerates_where_the_data_lives_not_what_it_is():
         "trainer": {"epochs": 2},
     }
     assert config_changes(saved, other) == (["data.crop_padding", "data.dataset._target_"], [])
+
+
+EXPERIMENTS = [o for g, o in OPTIONS if g == "experiment"]
+SCHEDULERS = [o for g, o in OPTIONS if g == "scheduler"]
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_every_scheduler_fits_every_experiment(experiment, scheduler):
+    """Each shipped schedule *fits* each shipped preset (train.py's own misfit check on the
+    schedule built for the preset's run, steps per epoch counted from its data config), not
+    only builds: a smoke sweep over schedules fails no job (conf/experiment_scheduler/)."""
+    from imgcls.config import fill_steps_per_epoch, schedule_misfits
+
+    cfg, _ = compose_config([f"experiment={experiment}", f"scheduler={scheduler}"])
+    validate_config(cfg)
+    fill_steps_per_epoch(cfg)  # as train.py fills it from the data (counted, not read)
+    optimizer = instantiate(cfg.optimizer, _convert_="all")([torch.nn.Parameter(torch.zeros(3))])
+    scheduler_ = instantiate(cfg.scheduler, _convert_="all")(optimizer)
+    assert schedule_misfits(scheduler_, cfg) == []
+
+
+def test_the_default_run_dir_is_one_per_process():
+    """Two runs started in the same second get two run directories: the default names the
+    process (outputs/DATE/TIME-PID), so this process and another one resolve different ones."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "from imgcls.config import compose_config; from omegaconf import OmegaConf; "
+        "cfg = compose_config([], return_hydra_config=True)[0]; "
+        "print(OmegaConf.select(cfg, 'hydra.run.dir')); print(OmegaConf.select(cfg, 'hydra.sweep.dir'))"
+    )
+    root = Path(__file__).resolve().parent.parent
+    child = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, check=True)
+    cfg, _ = compose_config([], return_hydra_config=True)
+    mine = [OmegaConf.select(cfg, "hydra.run.dir"), OmegaConf.select(cfg, "hydra.sweep.dir")]
+    assert mine[0].startswith("outputs/") and mine[0].endswith(f"-{os.getpid()}")
+    assert mine[1].startswith("multirun/") and mine[1].endswith(f"-{os.getpid()}")
+    theirs = child.stdout.split()
+    assert len(theirs) == 2 and theirs[0] != mine[0] and theirs[1] != mine[1]

@@ -197,16 +197,23 @@ def test_failed_download_gives_the_same_clear_error(tmp_path, monkeypatch):
     msg = str(ei.value)
     assert "no network" in msg and str(tmp_path / "cifar-100-python.tar.gz") in msg
     assert "experiment=smoke" in msg and "data=image_folder" in msg
+    # downloading is what just failed: not the advice; fetching the archive elsewhere is
+    assert "data.dataset.download=true" not in msg and f"copy cifar-100-python.tar.gz into {tmp_path}" in msg
 
 
-def test_relative_root_is_resolved_against_project_root_not_cwd(tmp_path, monkeypatch):
+def test_a_relative_root_is_resolved_against_the_launch_directory(tmp_path, monkeypatch):
+    """One rule for every path: relative to where the command was launched (the cwd), "~"
+    expanded; the default root (no root given, ${project_dir:data} in conf/) is the project's data/."""
     monkeypatch.chdir(tmp_path)
     rel = "no-such-data-dir-for-tests"
     with pytest.raises(DataNotFoundError) as ei:
         cifar10(root=rel, download=False).load()
-    assert str(D.PROJECT_ROOT / rel / "cifar-10-python.tar.gz") in str(ei.value)
-    assert not (D.PROJECT_ROOT / rel).exists() and not (tmp_path / rel).exists()
+    assert str(tmp_path / rel / "cifar-10-python.tar.gz") in str(ei.value)
+    assert not (tmp_path / rel).exists() and not (D.PROJECT_ROOT / rel).exists()  # nothing created
+    with pytest.raises(ValueError, match=f"^data.dataset.path: {tmp_path / 'mysub'} does not exist"):
+        image_folder(path="mysub")
     assert D.resolve_path("~/x") == Path(os.path.expanduser("~/x"))
+    assert D._data_root(None) == D.PROJECT_ROOT / "data"
 
 
 def test_a_data_option_is_a_builder_of_its_own_keys():

@@ -42,7 +42,8 @@ def test_two_ranks_then_resume_on_one(tmp_path):
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in ckpt["model"]), "DDP wrapper leaked into the checkpoint"
 
-    resumed = run_train("experiment=smoke", "trainer.epochs=3", "trainer.log_every=1", f"hydra.run.dir={run}")
+    more = ["trainer.epochs=3", "resume_force=true"]  # the finished run's lr is 0: more epochs only when forced
+    resumed = run_train("experiment=smoke", *more, "trainer.log_every=1", f"hydra.run.dir={run}")
     assert "resumed from" in resumed.stdout and "at step 16" in resumed.stdout
     assert json.loads((run / "results.json").read_text())["steps"] == 24
 

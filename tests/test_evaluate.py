@@ -168,3 +168,82 @@ def test_predict_empty_folder_exits_2(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert predict.main([f"checkpoint={tmp_path / 'c.pt'}", f"images={tmp_path / 'empty'}"]) == 2
     assert "holds no image files" in capsys.readouterr().err
+
+
+def test_evaluate_on_other_data_has_its_own_output_and_records_the_data(tmp_path):
+    """data.* overrides score other data: eval/<ckpt>-<split>-data-<digest>/, never the run's own
+    eval/<ckpt>-<split>/, and metrics.json says which data it scored."""
+    run = tmp_path / "run"
+    make_checkpoint(run / "checkpoints" / "last.pt", steps=0)
+    assert evaluate.main([f"checkpoint={run}"]) == 0
+    own = (run / "eval" / "last-test" / "metrics.json").read_text()
+    assert json.loads(own)["data_overrides"] == {} and json.loads(own)["data"]["dataset"]["test_size"] == 64
+    assert evaluate.main([f"checkpoint={run}", "data.dataset.test_size=32"]) == 0
+    assert (run / "eval" / "last-test" / "metrics.json").read_text() == own  # untouched
+    other = list((run / "eval").glob("last-test-data-*"))
+    assert len(other) == 1 and other[0].name == f"last-test-data-{evaluate.data_digest({'dataset.test_size': 32})}"
+    m = json.loads((other[0] / "metrics.json").read_text())
+    assert m["data_overrides"] == {"dataset.test_size": 32} and m["data"]["dataset"]["test_size"] == 32
+    assert m["images"] == 32
+
+
+@pytest.mark.parametrize("override", ["data.val_size=64", "data.dataset.train_size=96"])
+def test_split_val_refuses_overrides_that_change_the_split(tmp_path, capsys, override):
+    """split=val scores the images the run held out: an override that would hold out others
+    (possibly training images) is refused in one line naming it."""
+    make_checkpoint(tmp_path / "c.pt", steps=0)
+    assert evaluate.main([f"checkpoint={tmp_path / 'c.pt'}", "split=val", override]) == 2
+    err = capsys.readouterr().err
+    key = override.split("=")[0]
+    assert err.startswith(f"error: {key}: ") and "is not accepted with split=val" in err and err.count("\n") == 1
+    assert (
+        evaluate.main([f"checkpoint={tmp_path / 'c.pt'}", "split=val", "data.dataset.train_size=128"]) == 0
+    )  # as saved
+
+
+def test_class_mismatch_names_the_differing_classes():
+    trained = [f"class{i}" for i in range(10)]
+    msg = evaluate.class_mismatch([*trained[:9], "lion", "zebra"], trained)
+    assert "missing ['class9']" in msg and "extra ['lion', 'zebra']" in msg and "\n" not in msg
+    swapped = [*trained[:7], "class8", "class7", "class9"]
+    assert "class 7 is 'class8', trained as 'class7'" in evaluate.class_mismatch(swapped, trained)
+
+
+@pytest.mark.parametrize("module", ["imgcls.evaluate", "imgcls.predict"])
+def test_help_prints_usage_and_exits_0(module):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert proc.stdout.startswith(f"usage: python -m {module} key=value") and "checkpoint=" in proc.stdout
+
+
+def test_predict_with_no_readable_image_one_error_line_no_csv(tmp_path, capsys):
+    make_checkpoint(tmp_path / "c.pt", steps=0)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for name in ("a.png", "b.jpg"):
+        (imgs / name).write_bytes(b"not an image")
+    out = tmp_path / "p.csv"
+    assert predict.main([f"checkpoint={tmp_path / 'c.pt'}", f"images={imgs}", f"out={out}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: images: none of the 2 files") and err.count("\n") == 1, err
+    assert not out.exists() and not list(tmp_path.glob(".p.csv*"))
+
+
+@pytest.mark.parametrize("module,function", [(evaluate, "evaluate_checkpoint"), (predict, "predict")])
+def test_ctrl_c_is_one_line_and_exit_130(module, function, tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, function, interrupted)
+    try:
+        code = module.main([f"checkpoint={tmp_path}", f"images={tmp_path}"][: 2 if module is predict else 1])
+    except KeyboardInterrupt:
+        pytest.fail("the KeyboardInterrupt escaped (a traceback)")
+    assert code == 130
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted: ") and err.count("\n") == 1, err

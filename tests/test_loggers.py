@@ -221,8 +221,8 @@ def test_mlflow_store_has_params_metrics_artifacts_and_a_resume_continues_the_ru
     assert json.loads(local.read_text()) == json.loads((run_dir / "results.json").read_text())
     assert ckpt_runs(run_dir) == {"mlflow": run_id}
 
-    # resume (one more epoch: a change a resume accepts)
-    run_train("experiment=smoke", "trainer.epochs=2", *common)
+    # resume (one more epoch: a change a resume accepts; the finished run's lr is 0, so forced)
+    run_train("experiment=smoke", "trainer.epochs=2", "resume_force=true", *common)
     [run] = client.search_runs([experiment])  # one run, not two
     assert run.info.run_id == run_id and ckpt_runs(run_dir) == {"mlflow": run_id}
     assert run.info.status == "FINISHED"

@@ -88,7 +88,7 @@ def test_resume_from_an_epoch_boundary_is_bit_identical(tmp_path):
 
 
 def test_plateau_schedule_gets_the_test_loss_and_halves_the_lr(tmp_path):
-    """scheduler=warmup_plateau through train.py (2 warmup epochs, then ReduceLROnPlateau,
+    """scheduler=warmup_plateau through train.py (the smoke preset's 1 warmup epoch, then ReduceLROnPlateau,
     factor 0.5, patience 2): at an lr too small to train, the test loss does not improve (only
     BatchNorm's running statistics move it), and the lr halves as torch's ReduceLROnPlateau,
     fed the same test losses, says: a run that did not feed it the loss would fail or never halve."""
@@ -111,11 +111,11 @@ def test_plateau_schedule_gets_the_test_loss_and_halves_the_lr(tmp_path):
     reference = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(reference, mode="min", factor=0.5, patience=2)
     expected = []
-    for epoch in range(2, 10):  # the phase starts at epoch 2 and is stepped with each epoch's loss
+    for epoch in range(1, 10):  # the phase starts at epoch 1 and is stepped with each epoch's loss
         plateau.step(losses[epoch])
         expected.append(reference.param_groups[0]["lr"])
-    assert epoch_lrs[1] == pytest.approx(lr)  # the warmup is over: the peak
-    assert epoch_lrs[2:] == pytest.approx(expected, rel=1e-9), (losses, epoch_lrs)
+    assert epoch_lrs[0] == pytest.approx(lr)  # the warmup is over: the peak
+    assert epoch_lrs[1:] == pytest.approx(expected, rel=1e-9), (losses, epoch_lrs)
     assert min(expected) <= lr / 2, f"the loss improved, the test proves nothing: {losses}"
 
 
@@ -126,8 +126,16 @@ def test_changed_structure_is_refused_on_resume(tmp_path):
     refused = run_recipe(run, *SMOKE, "trainer.epochs=2", "model.width=16", check=False)
     assert refused.returncode == 2 and "differing keys: model.width" in refused.stderr
     assert (run / "checkpoints" / "last.pt").read_bytes() == saved
-    more = run_recipe(run, *SMOKE, "trainer.epochs=2").stdout  # more epochs: a safe change
+    # warmup_linear had decayed to 0 at the end of the first run: more epochs would train at lr 0,
+    # refused (nothing changes) unless forced
+    at_zero = run_recipe(run, *SMOKE, "trainer.epochs=2", check=False)
+    assert at_zero.returncode == 2 and at_zero.stderr.startswith(
+        "error: trainer.epochs: 2 is not accepted for resuming"
+    )
+    assert "the saved schedule has already brought the lr to 0 (step 8)" in at_zero.stderr
+    assert "resume_force=true" in at_zero.stderr and at_zero.stderr.count("\n") == 1
+    assert (run / "checkpoints" / "last.pt").read_bytes() == saved
+    more = run_recipe(run, *SMOKE, "trainer.epochs=2", "resume_force=true").stdout  # more epochs: a safe change
     assert "config changed" in more and "trainer.epochs" in more
-    # warmup_linear had decayed to 0 at the end of the first run: said, not trained on silently
-    assert "the saved schedule has already brought the lr to 0 (step 8)" in more
+    assert "training at lr 0 (resume_force=true)" in more
     assert json.loads((run / "results.json").read_text())["steps"] == 16

@@ -56,3 +56,35 @@ def test_remove_if_unused_only_removes_startup_leftovers(tmp_path):
         (kept / "checkpoints").mkdir(parents=True)
         (kept / extra).write_text("x")
         assert not remove_if_unused(kept) and (kept / extra).exists()
+
+
+def _files(run_dir) -> dict:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_refused_start_leaves_every_file_of_the_run_dir_as_it_was(tmp_path):
+    """A changed config (refused by the resume check) and a second process (refused by the run
+    lock) change no file of an existing run directory: config.yaml and .hydra/ are written only
+    once the process holds the lock and its config was accepted."""
+    from tests.conftest import run_train
+
+    run = tmp_path / "run"
+    smoke = ["experiment=smoke", "trainer.epochs=1", f"hydra.run.dir={run}"]
+    run_train(*smoke)
+    before = _files(run)
+    assert {"config.yaml", ".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml"} <= set(before)
+    assert b"width: 8" in before[".hydra/config.yaml"] and b"trainer.epochs=1" in before[".hydra/overrides.yaml"]
+
+    changed = run_train(*smoke, "model.width=16", "optimizer=adamw", check=False)
+    assert changed.returncode == 2 and changed.stderr.startswith("error: resume:"), changed.stderr
+    assert _files(run) == before
+
+    lock = RunLock(run).acquire()  # as a run in progress holds it
+    try:
+        before = _files(run)
+        busy = run_train(*smoke, "trainer.epochs=2", check=False)
+    finally:
+        lock.release()
+    assert busy.returncode == 2 and "is in use by another training process" in busy.stderr, busy.stderr
+    assert _files(run) == before
