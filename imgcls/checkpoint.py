@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from imgcls import distributed
-from imgcls.io import WriteFault, free_bytes, human_bytes, torch_save
+from imgcls.io import WriteFault, free_bytes, fsync_dir, human_bytes, torch_save
 
 __all__ = [
     "CheckpointError",
@@ -70,22 +70,6 @@ def backup_path(path: str | Path, index: int) -> Path:
     path = Path(path)
     assert index >= 1, index
     return path.with_name(f"{path.stem}.{index}{path.suffix}")
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the renames themselves durable (the directory entry lives in the directory's
-    # own blocks). Best effort: some platforms/filesystems (Windows, some FUSE mounts)
-    # cannot open or fsync a directory, and by now the new file is already in place.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _rotate_backups(path: Path, keep: int, tmp_paths: list[Path]) -> None:
@@ -179,7 +163,7 @@ def save_checkpoint(state: dict, path: str | Path, keep: int = 1) -> Path:
         if isinstance(e, OSError):
             raise (OSError(e.errno, msg) if e.errno is not None else OSError(msg)) from e
         raise RuntimeError(msg) from e
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "fault_message",
     "writing",
     "write_text_atomic",
+    "fsync_dir",
     "JsonLines",
     "torch_save",
     "free_bytes",
@@ -109,9 +110,25 @@ def writing(path: str | os.PathLike, what: str, kept: str = ""):
         raise WriteFault(fault_message(path, what, e, kept), path, e.errno) from e
 
 
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """Make the renames in ``directory`` durable (the directory entry lives in the directory's own
+    blocks). Best effort: some platforms/filesystems (Windows, some FUSE mounts) cannot open or
+    fsync a directory, and by then the new file is already in place."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str, what: str, kept: str = "") -> Path:
     """Replace ``path`` with ``text`` atomically: a temp file in the same folder, fsync'ed, then
-    os.replace. On any failure the temp file is removed and ``path`` keeps its old content
+    os.replace, then the folder fsync'ed (the rename made durable). On any failure the temp file is removed and ``path`` keeps its old content
     (or stays absent); an OSError becomes a WriteFault naming ``path``."""
     path = Path(path)
     kept = kept or (f"the previous {path.name} is intact" if path.exists() else "")
@@ -131,6 +148,7 @@ def write_text_atomic(path: str | os.PathLike, text: str, what: str, kept: str =
             except OSError:
                 pass
             raise
+    fsync_dir(path.parent)
     return path
 
 

@@ -168,6 +168,40 @@ def test_temp_file_is_fsynced_before_it_replaces_the_checkpoint(tmp_path, monkey
     assert ("fsync", tmp_name) in events[:final], events
 
 
+@pytest.mark.parametrize("writer", ["checkpoint", "text"])
+def test_writers_fsync_the_file_before_the_rename_and_the_folder_after_it(tmp_path, monkeypatch, writer):
+    """save_checkpoint and write_text_atomic (results.json, config.yaml, the sweep summary): the
+    temp file's data reach the disk before it is renamed onto the target (else a crash can leave an
+    empty file under the name), and the folder is fsync'ed after the rename (the rename itself)."""
+    from imgcls.io import write_text_atomic
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst, *a, **k):
+        events.append(("replace", str(src), str(dst)))
+        return real_replace(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = tmp_path / ("last.pt" if writer == "checkpoint" else "results.json")
+    for n in (1, 2):  # a new file, then one replaced
+        events.clear()
+        if writer == "checkpoint":
+            save_checkpoint(_small_state(n), target)
+        else:
+            write_text_atomic(target, f"{n}\n", "the results")
+        final = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(target))
+        tmp_name = events[final][1]
+        assert os.path.basename(tmp_name).startswith(f".{target.name}.") and tmp_name.endswith(".tmp")
+        assert ("fsync", tmp_name) in events[:final], events
+        assert ("fsync", str(tmp_path)) in events[final + 1 :], events
+
+
 def test_keep_1_writes_no_backups(tmp_path):
     path = tmp_path / "last.pt"
     save_checkpoint(_small_state(1), path)

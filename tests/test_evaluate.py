@@ -163,6 +163,56 @@ def test_predict_folder_resizes_once_skips_unreadable_and_writes_topk(tmp_path, 
     assert predict.main([f"checkpoint={run}", f"images={imgs / 'a.png'}", f"out={out}"]) == 0
 
 
+def test_predict_writes_the_softmax_of_the_model_output(tmp_path):
+    """probability and the top-k column are class probabilities: the softmax of the model's
+    logits (each in [0, 1], the top k summing to at most 1), not the logits themselves."""
+    run = tmp_path / "run"
+    model, ds = make_checkpoint(run / "checkpoints" / "last.pt")
+    images = ds.test_images[:16]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(images):  # PNG: lossless, predict reads the same pixels
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:02d}.png")
+    out = tmp_path / "p.csv"
+    assert predict.main([f"checkpoint={run}", f"images={folder}", f"out={out}", "topk=3"]) == 0
+    mean, std = torch.tensor(ds.mean).view(1, -1, 1, 1), torch.tensor(ds.std).view(1, -1, 1, 1)
+    model.eval()
+    with torch.no_grad():
+        expected = model((images.float() / 255 - mean) / std).float().softmax(1)
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == 16
+    for row, probs in zip(rows, expected):
+        top = [pair.split(":") for pair in row["top3"].split()]
+        ps = [float(p) for _, p in top]
+        assert all(0.0 <= p <= 1.0 for p in [*ps, float(row["probability"])])
+        assert sum(ps) <= 1.0 + 2e-4  # (4 decimals each)
+        want_p, want_i = probs.topk(3)
+        assert [c for c, _ in top] == [ds.classes[i] for i in want_i] and row["class"] == top[0][0]
+        assert float(row["probability"]) == pytest.approx(float(want_p[0]), abs=1e-6)
+        assert ps == pytest.approx(want_p.tolist(), abs=1e-4)
+
+
+def test_evaluate_under_bf16_reproduces_the_runs_results(tmp_path):
+    """evaluate scores as the run did, in its trainer.precision: a bf16 run's last.pt gives
+    results.json's final_test_acc and final_test_loss exactly (fp32 would move the loss)."""
+    from tests.conftest import run_recipe
+
+    run = tmp_path / "run"
+    run_recipe(
+        run,
+        "experiment=smoke",
+        "trainer.precision=bf16",
+        "trainer.epochs=1",
+        "data.dataset.train_size=192",
+        "data.dataset.test_size=128",
+        "data.val_size=64",
+    )
+    results = json.loads((run / "results.json").read_text())
+    assert evaluate.main([f"checkpoint={run / 'checkpoints' / 'last.pt'}", f"out={tmp_path / 'e'}"]) == 0
+    m = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert (m["acc"], m["loss"]) == (results["final_test_acc"], results["final_test_loss"])
+
+
 def test_predict_empty_folder_exits_2(tmp_path, capsys):
     make_checkpoint(tmp_path / "c.pt", steps=0)
     (tmp_path / "empty").mkdir()

@@ -55,27 +55,35 @@ def test_fp16_scaler_trains_and_resumes_bit_identically():
     assert scaler2.state_dict() == scaler.state_dict()
 
 
-def test_clip_bounds_the_unscaled_gradient_norm():
-    net = _net()
-    opt = torch.optim.SGD(net.parameters(), lr=0.0)  # lr 0: look at the gradients only
-    seen = []
-    orig = torch.nn.utils.clip_grad_norm_
+def test_clip_bounds_the_unscaled_gradient_norm(monkeypatch):
+    """fp16 + clipping: the gradients are unscaled before they are clipped, so the clipped norm is
+    the true gradient norm (not the loss scale, 65536, times it) and the step applies gradients of
+    total norm clip_norm (clipping the scaled ones, then unscaling, would apply clip_norm / 65536)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 8) * 3, torch.randint(0, 3, (32,))
 
-    def spy(params, max_norm):
-        params = list(params)
-        total = orig(params, max_norm)
-        seen.append((float(total), float(torch.norm(torch.stack([p.grad.norm() for p in params])))))
-        return total
+    def gradients_and_step(scaler, clip_norm):
+        net = _net()
+        opt = torch.optim.SGD(net.parameters(), lr=1.0)  # lr 1: the step is minus the applied gradient
+        before = [p.detach().clone() for p in net.parameters()]
+        with autocast(CPU, "fp16"):
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+        optimizer_step(loss, opt, scaler, clip_norm)
+        step = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, net.parameters())])
+        return float(step.norm())
 
-    torch.nn.utils.clip_grad_norm_ = spy
-    try:
-        x, y = torch.randn(32, 8) * 100, torch.randint(0, 3, (32,))
-        loss = torch.nn.functional.cross_entropy(net(x), y)
-        optimizer_step(loss, opt, make_scaler(CPU, "fp16"), clip_norm=0.5)
-    finally:
-        torch.nn.utils.clip_grad_norm_ = orig
-    before, after = seen[0]
-    assert before > 0.5 and after == pytest.approx(0.5, rel=1e-4)  # unscaled: the scale (65536) is gone
+    true_norm = gradients_and_step(make_scaler(CPU, "fp32"), None)  # no scaling, no clipping
+    measured = []
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(
+        torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: measured.append(float(clip(params, max_norm)))
+    )
+    scaler = make_scaler(CPU, "fp16")
+    clip_norm = true_norm / 4
+    applied = gradients_and_step(scaler, clip_norm)
+    assert scaler.get_scale() == 65536.0  # no inf/NaN: the step was taken
+    assert measured == [pytest.approx(true_norm, rel=1e-2)]  # the norm it clipped: unscaled
+    assert applied == pytest.approx(clip_norm, rel=1e-3)
 
 
 @pytest.mark.parametrize("bad", [0, -1.0, float("inf"), "1", True])

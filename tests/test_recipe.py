@@ -139,3 +139,85 @@ def test_changed_structure_is_refused_on_resume(tmp_path):
     assert "config changed" in more and "trainer.epochs" in more
     assert "training at lr 0 (resume_force=true)" in more
     assert json.loads((run / "results.json").read_text())["steps"] == 16
+
+
+# --- model selection and SWA's BatchNorm (issue 19) ---------------------------
+# 128 training images (2 steps of 64 per epoch), 32 validation images, 64 test images
+SMALL_VAL = [*SMOKE, "data.dataset.train_size=160", "data.dataset.test_size=64", "data.val_size=32"]
+SMALL = [*SMOKE, "data.dataset.train_size=256", "data.dataset.test_size=64"]  # 4 steps per epoch, no val
+
+
+def script_val_accuracies(monkeypatch, raw: list[float], ema: list[float] | None = None) -> None:
+    """Every evaluation of the 32-image validation split (imgcls.evaluate.run_eval, which train.py's
+    evaluations run) reports the next of the given accuracies, ``ema`` for the EMA weights (an
+    AveragedModel), ``raw`` for the others; its loss, and every test-split evaluation, are real.
+    Model selection then faces accuracies that drop or disagree, whatever the numerics."""
+    from torch.optim.swa_utils import AveragedModel
+
+    import imgcls.evaluate
+
+    real = imgcls.evaluate.run_eval
+    raw, ema = list(raw), list(ema or [])
+
+    def scripted(net, *args, **kw):
+        r = real(net, *args, **kw)
+        if r["n"] == 32:
+            r["acc"] = (ema if isinstance(net, AveragedModel) else raw).pop(0)
+        return r
+
+    monkeypatch.setattr(imgcls.evaluate, "run_eval", scripted)
+
+
+def test_best_pt_keeps_the_earlier_epoch_when_val_accuracy_drops(tmp_path, monkeypatch):
+    """best.pt is written when the validation accuracy improves, never after a worse epoch."""
+    script_val_accuracies(monkeypatch, raw=[0.5, 0.75, 0.25])  # best: epoch 2
+    run = tmp_path / "run"
+    run_recipe(run, *SMALL_VAL, "trainer.epochs=3")
+    assert [m["val_acc"] for m in metrics(run) if "val_acc" in m] == [0.5, 0.75, 0.25]  # the script ran
+    results = json.loads((run / "results.json").read_text())
+    assert results["best_val_acc"] == 0.75 and results["best_epoch"] == 2
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    assert best["state"]["epoch"] == 2 and best["state"]["step"] == 4
+    last = weights(run)
+    assert any(not torch.equal(best["model"][k], last[k]) for k in last)  # epoch 2's weights, not epoch 3's
+
+
+def test_with_ema_best_is_selected_on_the_ema_accuracy(tmp_path, monkeypatch):
+    """trainer.ema_decay: "best" (best_val_acc, best_epoch, best.pt) is the EMA weights', here epoch 1,
+    though the raw weights were best at epoch 2."""
+    script_val_accuracies(monkeypatch, raw=[0.25, 0.75], ema=[0.625, 0.5])
+    run = tmp_path / "run"
+    run_recipe(run, *SMALL_VAL, "trainer.ema_decay=0.9")
+    evals = [m for m in metrics(run) if "val_acc" in m]
+    assert [(m["val_acc"], m["ema_val_acc"]) for m in evals] == [(0.25, 0.625), (0.75, 0.5)]
+    results = json.loads((run / "results.json").read_text())
+    assert results["weights"] == "ema"
+    assert results["best_val_acc"] == 0.625 and results["best_epoch"] == 1
+    assert torch.load(run / "checkpoints" / "best.pt", weights_only=True)["state"]["epoch"] == 1
+
+
+def test_a_finished_swa_run_has_batchnorm_statistics_of_the_averaged_weights(tmp_path):
+    """SWA's BatchNorm statistics are recomputed at the end over the training split (update_bn on
+    the averaged weights): not the raw model's, and what update_bn over that epoch's batches gives."""
+    from torch.optim.swa_utils import update_bn
+
+    from imgcls.averaging import averaged_weights
+    from tests.conftest import build_recipe
+
+    overrides = [*SMALL, "trainer.swa_start=0.0"]  # epochs 1 and 2 averaged
+    run = tmp_path / "run"
+    run_recipe(run, *overrides)
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert int(ckpt["averaging"]["swa"]["n_averaged"]) == 2
+    swa, which = averaged_weights(ckpt)
+    assert which == "swa"
+    stats = [k for k in swa if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(not torch.equal(swa[k], ckpt["model"][k]) for k in stats)  # not the raw model's
+
+    cfg, _, data, model, _, _ = build_recipe(*overrides)
+    model.load_state_dict(swa)
+    update_bn((x for x, _ in data.train.epoch_batches(cfg.trainer.epochs)), model)  # as the run's end does
+    expected = model.state_dict()
+    for k in stats:
+        torch.testing.assert_close(swa[k], expected[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert any(not torch.equal(expected[k], ckpt["model"][k]) for k in stats)

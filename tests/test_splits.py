@@ -48,3 +48,23 @@ def test_balanced_order_every_prefix_is_balanced():
     # unequal classes: the small class runs out first, the prefix stays as balanced as it can
     y2 = labels([5, 1])
     assert torch.bincount(y2[balanced_order(y2)[:2]]).tolist() == [1, 1]
+
+
+def test_a_run_holds_out_the_same_split_whatever_trainer_seed():
+    """The validation split a run holds out (train.py's data) is drawn from the split's own fixed
+    seed, VAL_SEED: the same images for every trainer.seed (here the data itself is fixed)."""
+    from imgcls.data import load_configured
+    from imgcls.splits import VAL_SEED
+    from tests.conftest import build_recipe
+
+    fixed = ["experiment=smoke", "data.dataset.train_size=200", "data.dataset.test_size=20", "data.dataset.seed=0"]
+    cfg = build_recipe(*fixed, "data.val_size=40", "trainer.seed=0")[0]
+    ds = load_configured(cfg.data)
+    keep, held = val_indices(ds.train_labels, 40, seed=VAL_SEED)
+    assert not torch.equal(held, val_indices(ds.train_labels, 40, seed=1)[1])  # a seed would show
+    for seed in (1, 2):
+        data = build_recipe(*fixed, "data.val_size=40", f"trainer.seed={seed}")[2]
+        assert torch.equal(data.val.images, ds.train_images[held]) and torch.equal(
+            data.val.labels, ds.train_labels[held]
+        )
+        assert torch.equal(data.train.images, ds.train_images[keep])

@@ -244,6 +244,28 @@ def test_train_checkpoint_and_sigterm_resume_are_bit_identical(tmp_path):
     assert_same_weights(weights(part), weights(full))
 
 
+def test_resume_of_a_model_with_dropout_and_drop_path_is_bit_identical(tmp_path):
+    """The checkpoint's RNG state is restored on resume: a model that draws from the global RNG
+    (timm's dropout and drop-path) continues as an uninterrupted run, bit for bit."""
+    common = [
+        *TIMM_SMOKE,
+        "+model.drop_rate=0.3",
+        "+model.drop_path_rate=0.2",
+        "data.dataset.train_size=256",  # 4 steps per epoch
+        "data.dataset.test_size=64",
+        "trainer.log_every=1",
+        "trainer.keep_checkpoints=2",
+    ]
+    full = tmp_path / "full"
+    run_recipe(full, *common)
+    epoch1 = full / "checkpoints" / "last.1.pt"  # the run as it stood when epoch 1 ended
+    assert torch.load(epoch1, weights_only=True)["state"]["epoch"] == 1
+    resumed = tmp_path / "resumed"
+    run_recipe(resumed, *common, f"resume={epoch1}")
+    assert metrics(resumed) == [m for m in metrics(full) if m["step"] > 4]
+    assert_same_weights(weights(resumed), weights(full))
+
+
 @pytest.mark.slow
 def test_compiled_timm_model_trains_and_saves_plain_weights(tmp_path):
     run = tmp_path / "run"
