@@ -34,9 +34,10 @@ test: $(STAMP) lint  ## lint, then the test suite (slow tests included; GPU test
 test-fast: $(STAMP)  ## the test suite without the slow tier
 	$(PY) -m pytest -m "not slow" $(ARGS)
 
-bench: $(STAMP)  ## benchmarks: SequentialLR step cost against torch's; training/eval throughput and where the time goes
+bench: $(STAMP)  ## benchmarks: SequentialLR step cost against torch's; training/eval throughput and where the time goes; start-up beside a trivial Hydra app
 	$(PY) benchmarks/bench_sched.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_startup.py
 
 gpu-report: $(STAMP)  ## on one CUDA GPU, offline: GPU tests, bench, cifar10_fast x 5 seeds, compile, SIGTERM/resume, ablations -> docs/benchmarks/<GPU>.md (make gpu-report DATA=path; SMOKE=1: the CPU check)
 	$(PY) benchmarks/gpu_report.py $(if $(SMOKE),--smoke,--data "$(DATA)") $(ARGS)

@@ -212,6 +212,40 @@ def setup() -> None:
 
     register_resolvers()
     register_configs()
+    _memoize_help_group_options()
+
+
+def _memoize_help_group_options() -> None:
+    """``--help`` lists every config group: Hydra's ``app_help`` asks for the options of each
+    group (and sub-group) several times, and each ask deep-copies the whole config repository
+    (101 copies for conf/, ~1 s). Within one ``app_help`` call the repository cannot change,
+    so remember each answer for that call only: the same text, once per group (idempotent)."""
+    from hydra._internal.hydra import Hydra
+    from hydra.core.object_type import ObjectType
+
+    if getattr(Hydra.app_help, "_imgcls_memoized", False):
+        return
+    original = Hydra.app_help
+
+    def app_help(self, *args, **kwargs):
+        loader = self.config_loader
+        ask = loader.get_group_options
+        answers: dict = {}
+
+        def get_group_options(group_name, results_filter=ObjectType.CONFIG, config_name=None, overrides=None):
+            key = (group_name, results_filter, config_name, tuple(overrides or ()))
+            if key not in answers:
+                answers[key] = ask(group_name, results_filter, config_name, overrides)
+            return list(answers[key])
+
+        loader.get_group_options = get_group_options
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            del loader.get_group_options  # back to the class's method
+
+    app_help._imgcls_memoized = True
+    Hydra.app_help = app_help
 
 
 def compose_config(overrides, return_hydra_config: bool = False) -> tuple[DictConfig, dict]:

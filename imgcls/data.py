@@ -39,9 +39,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-import torchvision
 from PIL import Image
-from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
 from imgcls.io import WriteFault, free_bytes, human_bytes, is_write_fault, torch_save
 
@@ -53,12 +51,33 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _CACHE_VERSION = 1  # bump when the cache layout changes: old cache files are then ignored
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 
-# name -> (torchvision class holding the official url/filename/md5 constants,
+# name -> (torchvision.datasets class holding the official url/filename/md5 constants,
 #          label key in the batch pickles, class-name key in the meta pickle, training images)
+# torchvision is imported only where it is used (it pulls in torch._dynamo: ~2 s of start-up)
 _OFFICIAL = {
-    "cifar10": (torchvision.datasets.CIFAR10, "labels", "label_names", 50_000),
-    "cifar100": (torchvision.datasets.CIFAR100, "fine_labels", "fine_label_names", 50_000),
+    "cifar10": ("CIFAR10", "labels", "label_names", 50_000),
+    "cifar100": ("CIFAR100", "fine_labels", "fine_label_names", 50_000),
 }
+
+
+def _official_class(name: str):
+    import torchvision.datasets
+
+    return getattr(torchvision.datasets, _OFFICIAL[name][0])
+
+
+def check_integrity(fpath: str, md5: str) -> bool:
+    """torchvision's MD5 check, imported on first use."""
+    from torchvision.datasets.utils import check_integrity as check
+
+    return check(fpath, md5)
+
+
+def download_and_extract_archive(*args, **kwargs) -> None:
+    """torchvision's download, imported on first use."""
+    from torchvision.datasets.utils import download_and_extract_archive as fetch
+
+    fetch(*args, **kwargs)
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -427,7 +446,8 @@ def _read_official(folder: Path, files: list[str], label_key: str) -> tuple[torc
 
 
 def _load_official(name: str, root: Path, download: bool) -> Dataset:
-    cls, label_key, names_key, _ = _OFFICIAL[name]
+    _, label_key, names_key, _ = _OFFICIAL[name]
+    cls = _official_class(name)
     archive = root / cls.filename
     folder = root / cls.base_folder
     train_files = [f for f, _ in cls.train_list]

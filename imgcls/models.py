@@ -13,7 +13,6 @@ you like.
 from __future__ import annotations
 
 import torch
-import torchvision
 from torch import nn
 
 __all__ = ["resnet9", "resnet18", "timm_model", "check_input_size", "count_flops"]
@@ -111,6 +110,8 @@ def resnet18(num_classes: int = 10) -> nn.Module:
     """
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"num_classes={num_classes!r} is invalid; expected an int >= 1")
+    import torchvision  # here, not at the top: it pulls in torch._dynamo (~2 s of every start-up)
+
     model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
     model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()

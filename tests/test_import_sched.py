@@ -46,6 +46,7 @@ def test_script_in_another_directory(tmp_path):
     assert _py([str(script)], tmp_path).strip() == OURS
 
 
+@pytest.mark.slow
 def test_hydra_target_from_elsewhere(tmp_path):
     code = (
         "from hydra.utils import instantiate; from omegaconf import OmegaConf; import torch\n"
@@ -65,6 +66,7 @@ def test_sched_is_seqlr():
     assert sched.SequentialLR is seqlr.SequentialLR and sched.__all__ == seqlr.__all__
 
 
+@pytest.mark.slow
 def test_torchrun_worker(tmp_path):
     script = tmp_path / "job.py"
     script.write_text(PRINT + "\n")
@@ -72,6 +74,7 @@ def test_torchrun_worker(tmp_path):
     assert OURS in out
 
 
+@pytest.mark.slow
 def test_nothing_the_project_imports_needs_the_standard_library_sched():
     code = (
         "import sys; import torch, torchvision, hydra, omegaconf, tqdm, PIL\n"

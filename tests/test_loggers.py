@@ -19,6 +19,7 @@ from tests.conftest import ROOT, run_train, train_cmd
 SMOKE = ["experiment=smoke", "trainer.epochs=1"]
 
 
+@pytest.mark.slow
 def test_default_run_imports_no_logger(tmp_path):
     env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}
     proc = subprocess.run(
@@ -44,6 +45,7 @@ def test_csv_logger_rows_match_metrics_jsonl(tmp_path):
             assert float(row["test_acc"]) == line["test_acc"] and row["lr_0"] == ""
 
 
+@pytest.mark.slow
 def test_tensorboard_logger_writes_scalars(tmp_path):
     pytest.importorskip("tensorboard", reason="the tensorboard package is not installed (pip install tensorboard)")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -40,6 +40,7 @@ def evaluate_cli(*args):
     return run_module("imgcls.evaluate", *args)
 
 
+@pytest.mark.slow
 def test_val_split_best_checkpoint_and_evaluate_equals_results(tmp_path):
     run = tmp_path / "run"
     proc = run_train(*SMOKE_VAL, "trainer.progress=true", f"hydra.run.dir={run}")
@@ -124,6 +125,7 @@ def test_resume_is_bit_identical_with_ema_swa_fp16_and_clipping(tmp_path):
     assert results["weights"] == "swa" and results["final_val_acc"] == final_eval["swa_val_acc"]
 
 
+@pytest.mark.slow
 def test_second_process_on_a_run_dir_exits_2_naming_the_holder(tmp_path):
     run = tmp_path / "run"
     first = _popen(run, [*SMOKE_VAL, "trainer.epochs=1000"])

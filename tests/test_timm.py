@@ -110,6 +110,7 @@ def test_input_size_check_changes_nothing_and_names_what_a_vit_accepts():
     check_input_size(timm_model(num_classes=10, name="test_vit3", img_size=32, patch_size=4), (3, 32, 32))
 
 
+@pytest.mark.slow
 def test_vit_left_at_its_input_size_exits_2_before_training(tmp_path):
     run = tmp_path / "run"
     proc = run_train(*TIMM_SMOKE, "model.name=vit_tiny_patch16_224", f"hydra.run.dir={run}", check=False)
@@ -164,6 +165,7 @@ def test_pretrained_weights_load_where_they_are_on_disk(tmp_path, monkeypatch):
     assert not torch.equal(got["fc.weight"], want["fc.weight"])
 
 
+@pytest.mark.slow
 def test_pretrained_offline_through_train_py_exits_2_with_one_line(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     env.pop("HYDRA_FULL_ERROR", None)
@@ -180,6 +182,7 @@ def test_pretrained_offline_through_train_py_exits_2_with_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: model: pretrained=true: the weights of 'resnet18'")
 
 
+@pytest.mark.slow
 def test_unknown_name_through_train_py_exits_2_naming_it(tmp_path):
     proc = run_train(*TIMM_SMOKE, "model.name=restnet18", f"hydra.run.dir={tmp_path}", check=False)
     assert proc.returncode == 2
@@ -188,6 +191,7 @@ def test_unknown_name_through_train_py_exits_2_naming_it(tmp_path):
     assert "did you mean" in lines[0] and "resnet18" in lines[0]
 
 
+@pytest.mark.slow
 def test_evaluate_and_predict_on_a_timm_checkpoint_agree_with_the_run(tmp_path):
     import csv
 
