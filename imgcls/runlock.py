@@ -10,6 +10,7 @@ for the message, and may stay behind (an unlocked ``.lock`` means nothing).
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 LOCK_NAME = ".lock"
@@ -81,6 +82,27 @@ class RunLock:
     def __exit__(self, *exc):
         self.release()
         return False
+
+
+@contextmanager
+def hold(run_dir: str | Path, is_main: bool = True):
+    """train.py's lock on its run directory, for the run's life (``with hold(run_dir,
+    dist.is_main) as lock``: the RunLock, None on ranks other than 0): a second process on it
+    (a requeued job while the old one runs) exits 2 naming the holder. The PID goes into the
+    lock file once the config is accepted (``lock.note_pid()``: a refused start changes no
+    file). Ctrl-C while it is held: the lock is released and a run directory holding nothing
+    but start-up files removed (remove_if_unused), then the interrupt goes on."""
+    lock = RunLock(run_dir).acquire(note_pid=False) if is_main else None
+    try:
+        yield lock
+    except KeyboardInterrupt:
+        if lock is not None:
+            lock.release()
+            remove_if_unused(run_dir)  # only a directory with nothing but start-up files
+        raise
+    finally:
+        if lock is not None:
+            lock.release()  # the next job of a multirun, in this process, takes its own
 
 
 # What Hydra and train.py put into a run directory before the first step: nothing a user needs
