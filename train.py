@@ -12,7 +12,6 @@ loop, save. torch is imported inside the recipe's functions, so --help and --cfg
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -36,12 +35,12 @@ from imgcls.config import (
     validate_config,
 )
 from imgcls.exits import EXIT_JOB_FAILED, EXIT_SIGNAL, StopRequest, exit_cleanly, interrupted
-from imgcls.reporting import Reporter, log_results
+from imgcls.reporting import Reporter, TrainLoss, log_results
 from imgcls.results import write_results
-from imgcls.runlock import RunLock, hold
+from imgcls.runlock import RunLock, hold, write_config
 
 if TYPE_CHECKING:
-    from imgcls.checkpoint import State
+    from imgcls.checkpoint import Extras, State
     from imgcls.distributed import Dist
 
 setup()  # the resolvers and the config schema, before Hydra composes conf/
@@ -184,19 +183,9 @@ def load_data(cfg: DictConfig, device, dist) -> Data:
         raise ValueError(f"trainer.batch_size: {t.batch_size} is not divisible by the {dist.world} ranks")
     channels_last = device_switch(t.channels_last, device)  # NHWC feeds the tensor cores without transposes
     common = dict(device=device, mean=ds.mean, std=ds.std, channels_last=channels_last, dtype=torch.float32)
-    train = DeviceLoader(  # trainer.batch_size is the global batch: rank r takes its images r::N
-        train_images,
-        train_labels,
-        t.batch_size,
-        train=True,
-        seed=t.seed,
-        rank=dist.rank,
-        world=dist.world,
-        crop_padding=d.crop_padding,
-        flip=d.flip,
-        alternating_flip=d.alternating_flip,
-        **common,
-    )
+    shard = dict(seed=t.seed, rank=dist.rank, world=dist.world)  # batch_size is global: rank r takes r::N
+    augment = dict(crop_padding=d.crop_padding, flip=d.flip, alternating_flip=d.alternating_flip)
+    train = DeviceLoader(train_images, train_labels, t.batch_size, train=True, **shard, **augment, **common)
 
     def eval_loader(images, labels):
         if t.limit_eval_batches:  # a fixed, class-balanced subset (an image folder is sorted by class)
@@ -214,12 +203,8 @@ def load_data(cfg: DictConfig, device, dist) -> Data:
     if dist.is_main:
         ranks = f" x {dist.world} ranks" if dist.enabled else ""
         print(description, f"| {steps} steps per epoch on {device}{ranks}", flush=True)
-    info = {
-        "classes": list(ds.classes),
-        "mean": list(ds.mean),
-        "std": list(ds.std),
-        "size": list(ds.train_images.shape[1:]),
-    }
+    info = {"classes": list(ds.classes), "mean": list(ds.mean), "std": list(ds.std)}
+    info["size"] = list(ds.train_images.shape[1:])  # (C, H, W)
     return Data(train, val, test, steps, info)
 
 
@@ -261,25 +246,10 @@ def build_scheduler(cfg: DictConfig, optimizer):
     return scheduler
 
 
-class Extras:
-    """What a checkpoint holds besides the model, optimizer, scheduler and counters: the fp16
-    grad scaler (imgcls/precision.py), the EMA/SWA weights (imgcls/averaging.py), and the data
-    info imgcls.evaluate / imgcls.predict need (classes, mean, std, image size)."""
-
-    def __init__(self, precision: str, scaler, averaging, info: dict):
-        self.precision, self.scaler, self.averaging, self.info = precision, scaler, averaging, info
-
-    def state_dict(self) -> dict:
-        return {"scaler": self.scaler.state_dict(), "averaging": self.averaging.state_dict(), "data_info": self.info}
-
-    def load_state_dict(self, ckpt: dict, path) -> None:
-        if self.scaler.is_enabled() and ckpt.get("scaler"):  # an fp32/bf16 checkpoint has no scale
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.averaging.load_state_dict(ckpt.get("averaging") or {}, path)
-
-
 def build_extras(cfg: DictConfig, model, device, data: Data) -> Extras:
+    """What a checkpoint holds besides the model, optimizer, scheduler and counters (Extras)."""
     from imgcls.averaging import Averaging
+    from imgcls.checkpoint import Extras
     from imgcls.precision import make_scaler, resolve_precision
 
     t = cfg.trainer
@@ -288,43 +258,8 @@ def build_extras(cfg: DictConfig, model, device, data: Data) -> Extras:
     return Extras(precision, make_scaler(device, precision), averaging, data.info)
 
 
-def write_config(run: Run, composed: str | None = None) -> None:
-    """The run's config files, written once this process holds the run lock and its config was
-    accepted (a refused start leaves an existing run directory as it was): ``config.yaml`` (the
-    resolved config), and under Hydra ``.hydra/config.yaml`` (``composed``, as Hydra composed
-    it), ``.hydra/hydra.yaml`` and ``.hydra/overrides.yaml``, which Hydra itself would write
-    before the run starts (conf/config.yaml: ``hydra.output_subdir: null``). Then the lock
-    file names this process (run.lock)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from imgcls.io import write_text_atomic
-
-    cfg, run_dir = run.cfg, run.run_dir
-    if not run.dist.is_main:
-        return
-    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True), "the resolved config")
-    if HydraConfig.initialized():
-        hydra_cfg = HydraConfig.get()
-        files = {
-            "config.yaml": composed if composed is not None else OmegaConf.to_yaml(cfg),
-            "hydra.yaml": OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})),
-            "overrides.yaml": OmegaConf.to_yaml(hydra_cfg.overrides.task),
-        }
-        (run_dir / ".hydra").mkdir(exist_ok=True)
-        for name, text in files.items():
-            write_text_atomic(run_dir / ".hydra" / name, text, f"Hydra's {name}")
-    if run.lock is not None:
-        run.lock.note_pid()
-
-
 # --------------------------------------------------------------------------------------
-# 7. resume
-# --------------------------------------------------------------------------------------
-# What a checkpoint holds, resuming with fallback, trimming metrics and when to save: next
-# to the checkpoint writer, in imgcls/checkpoint.py (State, resume, save, checkpoint_due, ...).
-
-
-# --------------------------------------------------------------------------------------
+# 7. resume: imgcls/checkpoint.py (what a checkpoint holds: State, Extras; resume, save)
 # 8. loop
 # --------------------------------------------------------------------------------------
 def train(run: Run) -> str | None:
@@ -368,15 +303,9 @@ class Loop:
         self.improved = False  # the epoch's evaluation beat the best so far (best.pt is due)
         self.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=self.t.label_smoothing)
         self.settings = StepSettings(self.precision, run.extras.scaler, self.t.grad_clip_norm, self.t.skip_nonfinite)
-        self.net = model = run.model
-        if self.dist.enabled:  # gradients averaged over ranks during backward
-            from torch.nn.parallel import DistributedDataParallel
-
-            device = self.device
-            self.net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.net = distributed.wrap(run.model, self.dist, self.device)  # DDP under torchrun
         self.net = torch.compile(self.net) if self.t.compile else self.net
-        # Training loss accumulates on the device; it is read once per log line (one host sync).
-        self.loss_sum = torch.tensor(self.state.loss_sum, device=self.device, dtype=torch.float32)
+        self.loss = TrainLoss(self.state, self.dist, self.device, self.run_dir)  # summed on the device
 
     def step(self, x, y) -> None:
         """One optimizer step, its counters, and the scheduler step due after it."""
@@ -388,36 +317,11 @@ class Loop:
             loss = torch.zeros((), device=self.device)
         else:
             self.averaging.after_step(self.model)
-        self.loss_sum += loss.float()
-        self.state.loss_count += 1
+        self.loss.add(loss)
         self.state.step += 1
         self.state.batch += 1
         self.state.images += len(y)
         self.stepper.after_step()
-
-    def read_loss(self) -> float:
-        """The host sync: the mean training loss since the last log line (summed over ranks);
-        a NaN/inf anywhere in it stops the run."""
-        from imgcls.checkpoint import checkpoint_path
-
-        state = self.state
-        value = distributed.mean_over_ranks(self.loss_sum, self.dist).item()
-        if not math.isfinite(value):
-            raise FloatingPointError(
-                f"training loss is {value} between steps {state.step - state.loss_count} and "
-                f"{state.step} (epoch {state.epoch}): stopped without saving; the last good checkpoint (if any) "
-                f"{checkpoint_path(self.run_dir)} is intact. Lower optimizer.lr, or set "
-                f"trainer.skip_nonfinite=true to skip such steps"
-            )
-        return value
-
-    def take_loss(self) -> float:
-        """The mean training loss since the last log line; starts the next sum."""
-        value = self.read_loss() / max(self.state.loss_count, 1)
-        self.loss_sum.zero_()
-        self.state.loss_count = 0
-        self.state.loss_sum = 0.0
-        return value
 
     def evaluate(self, finishing: bool = False) -> dict:
         """The evaluated split (val, else test) with the raw weights, and with the EMA weights
@@ -443,13 +347,15 @@ class Loop:
         sum goes with it."""
         from imgcls.checkpoint import save
 
-        self.state.loss_sum = self.read_loss()
+        self.state.loss_sum = self.loss.read()
         save(self.run, last=last, best=best)
         self.improved = False
 
 
 def run_epoch(loop: Loop, report, epoch: int, stop) -> bool:
     """Train epoch ``epoch`` from batch ``state.batch``; True if a stop request ended it early."""
+    import torch
+
     state, steps = loop.state, loop.data.steps_per_epoch
     loop.model.train()
     state.epoch = epoch
@@ -465,7 +371,8 @@ def run_epoch(loop: Loop, report, epoch: int, stop) -> bool:
                 return True
         return False
     finally:
-        _sync(loop.device)
+        if loop.device.type == "cuda":  # the epoch's time includes its queued GPU work
+            torch.cuda.synchronize()
         state.train_seconds += time.perf_counter() - t0
 
 
@@ -517,13 +424,6 @@ def train_step(net, optimizer, loss_fn, x, y, settings: StepSettings) -> object:
     scaler = settings.scaler if settings.scaler is not None else make_scaler(x.device, "fp32")
     optimizer_step(loss, optimizer, scaler, settings.clip_norm)
     return loss.detach()
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        import torch
-
-        torch.cuda.synchronize()
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ __all__ = [
     "set_rng_state",
     "unwrap_model",
     "State",
+    "Extras",
     "checkpoint_path",
     "resume",
     "save",
@@ -348,6 +349,23 @@ class State:
         for k in vars(self):
             if k in d:
                 setattr(self, k, d[k])
+
+
+class Extras:
+    """What a checkpoint holds besides the model, optimizer, scheduler and counters: the fp16
+    grad scaler (imgcls/precision.py), the EMA/SWA weights (imgcls/averaging.py), and the data
+    info imgcls.evaluate / imgcls.predict need (classes, mean, std, image size)."""
+
+    def __init__(self, precision: str, scaler, averaging, info: dict):
+        self.precision, self.scaler, self.averaging, self.info = precision, scaler, averaging, info
+
+    def state_dict(self) -> dict:
+        return {"scaler": self.scaler.state_dict(), "averaging": self.averaging.state_dict(), "data_info": self.info}
+
+    def load_state_dict(self, ckpt: dict, path) -> None:
+        if self.scaler.is_enabled() and ckpt.get("scaler"):  # an fp32/bf16 checkpoint has no scale
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.averaging.load_state_dict(ckpt.get("averaging") or {}, path)
 
 
 def checkpoint_path(run_dir: Path) -> Path:

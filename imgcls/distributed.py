@@ -103,3 +103,13 @@ def join_ranks(device, run_dir: Path) -> tuple[Dist, object, Path]:
 
         device = torch.device("cuda", dist.local_rank)
     return dist, device, Path(broadcast(str(run_dir), dist))
+
+
+def wrap(model, dist: Dist, device):
+    """The model in DistributedDataParallel under torchrun (gradients averaged over ranks during
+    backward); the model itself when alone."""
+    if not dist.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -5,6 +5,7 @@ cfg.logger, imgcls/loggers.py, with the same records), the progress bar and imag
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -95,6 +96,46 @@ def log_results(run) -> None:
         tracker_log_results(run.cfg.logger, run.state.logger_runs, run.run_dir)
 
 
+class TrainLoss:
+    """The training loss, summed on the device since the last log line and read once per log
+    line (the one host sync); a checkpoint carries a partial sum (State.loss_sum, loss_count).
+    A NaN/inf anywhere in it stops the run (exit 3)."""
+
+    def __init__(self, state, dist, device, run_dir: Path):
+        import torch
+
+        self.state, self.dist, self.run_dir = state, dist, run_dir
+        self.sum = torch.tensor(state.loss_sum, device=device, dtype=torch.float32)
+
+    def add(self, loss) -> None:
+        self.sum += loss.float()
+        self.state.loss_count += 1
+
+    def read(self) -> float:
+        """The host sync: the training loss summed since the last log line (the mean over ranks)."""
+        from imgcls import distributed
+        from imgcls.checkpoint import checkpoint_path
+
+        state = self.state
+        value = distributed.mean_over_ranks(self.sum, self.dist).item()
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"training loss is {value} between steps {state.step - state.loss_count} and "
+                f"{state.step} (epoch {state.epoch}): stopped without saving; the last good checkpoint (if any) "
+                f"{checkpoint_path(self.run_dir)} is intact. Lower optimizer.lr, or set "
+                f"trainer.skip_nonfinite=true to skip such steps"
+            )
+        return value
+
+    def take(self) -> float:
+        """The mean training loss since the last log line; starts the next sum."""
+        value = self.read() / max(self.state.loss_count, 1)
+        self.sum.zero_()
+        self.state.loss_count = 0
+        self.state.loss_sum = 0.0
+        return value
+
+
 class Reporter:
     """What a run reports: metrics.jsonl lines (and the logger's), the progress bar, images/s.
     ``lr`` at step N is the lr after N steps and the scheduler steps due by then (the lr step
@@ -131,7 +172,7 @@ class Reporter:
                 "step": state.step,
                 "epoch": state.epoch + state.batch / loop.data.steps_per_epoch,
                 "lr": None,
-                "train_loss": loop.take_loss(),
+                "train_loss": loop.loss.take(),
             }  # the one host sync
             now = time.perf_counter()
             speed = (state.images - self.interval_start[1]) / max(now - self.interval_start[0], 1e-9)
