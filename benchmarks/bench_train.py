@@ -16,7 +16,8 @@ What it measures, in this order:
    device, scheduler.step() every step), fed by a DeviceLoader over a synthetic uint8 dataset
    held on the device (crop + flip + normalise included); on CUDA timed with CUDA events
    and no host sync inside the timed loop;
-3. evaluation images/s: no_grad, the same autocast, the test loader, as train.evaluate;
+3. evaluation images/s: no_grad, the same autocast, the test loader, as train.py evaluates
+   (imgcls.evaluate.evaluate_split);
 4. the floor: training FLOPs per image = 3 x forward FLOPs (count_flops), divided by the
    matmul rate; measured time per image / floor time per image says how far off it is;
 5. where the time goes: a SEPARATE pass of as many steps that synchronises between phases
@@ -313,6 +314,7 @@ def bench_model(
 
     import train as recipe  # train.py: the step and the evaluation it times are the real ones
     from imgcls.checkpoint import save_checkpoint, unwrap_model
+    from imgcls.evaluate import evaluate_split
 
     overrides = [*compose_overrides, f"model={name}"] + ([f"model.width={s['width']}"] if name == "resnet9" else [])
     cfg = compose(overrides)
@@ -321,6 +323,7 @@ def bench_model(
         cfg.schedule.steps_per_epoch = len(train_loader)
     model, optimizer, scheduler, fwd_flops = build(cfg, device)
     bf16 = device.type == "cuda"  # trainer.precision=auto
+    settings = recipe.StepSettings("bf16" if bf16 else "fp32")
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.trainer.label_smoothing)
     net = torch.compile(model) if s["compile"] else model
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
@@ -332,7 +335,7 @@ def bench_model(
     )
 
     def step_fn(x, y):  # the step train.py runs (trainer.skip_nonfinite=false, the default)
-        return recipe.train_step(net, optimizer, loss_fn, x, y, bf16)
+        return recipe.train_step(net, optimizer, loss_fn, x, y, settings)
 
     def train_steps(n: int):  # train.py's loop body, without its bookkeeping on the host
         nonlocal loss_sum
@@ -392,7 +395,7 @@ def bench_model(
 
     # 3. evaluation: one untimed pass (autotune / recompile for eval), then timed passes
     def evaluate():  # train.py's evaluation, with the config's trainer settings
-        return recipe.evaluate(net, test_loader, cfg.trainer, device, bf16, loss_fn)
+        return evaluate_split(net, test_loader, cfg.trainer, device, settings.precision)
 
     sync(device)
     t0 = time.perf_counter()

@@ -45,6 +45,7 @@ __all__ = [
     "set_rng_state",
     "unwrap_model",
     "State",
+    "Extras",
     "checkpoint_path",
     "resume",
     "save",
@@ -334,6 +335,23 @@ class State:
                 setattr(self, k, d[k])
 
 
+class Extras:
+    """What a checkpoint holds besides the model, optimizer, scheduler and counters: the fp16
+    grad scaler (imgcls/precision.py), the EMA/SWA weights (imgcls/averaging.py), and the data
+    info imgcls.evaluate / imgcls.predict need (classes, mean, std, image size)."""
+
+    def __init__(self, precision: str, scaler, averaging, info: dict):
+        self.precision, self.scaler, self.averaging, self.info = precision, scaler, averaging, info
+
+    def state_dict(self) -> dict:
+        return {"scaler": self.scaler.state_dict(), "averaging": self.averaging.state_dict(), "data_info": self.info}
+
+    def load_state_dict(self, ckpt: dict, path) -> None:
+        if self.scaler.is_enabled() and ckpt.get("scaler"):  # an fp32/bf16 checkpoint has no scale
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.averaging.load_state_dict(ckpt.get("averaging") or {}, path)
+
+
 def checkpoint_path(run_dir: Path) -> Path:
     return run_dir / "checkpoints" / "last.pt"
 
@@ -342,11 +360,15 @@ def best_path(run_dir: Path) -> Path:
     return run_dir / "checkpoints" / "best.pt"
 
 
-def resume(cfg: DictConfig, run_dir: Path, model, optimizer, scheduler, dist, extras=None) -> State:
-    """``extras``: what else the checkpoint restores (train.py's Extras: the grad scaler and the
-    averaged weights), with ``load_state_dict(ckpt, path)``."""
+def resume(run) -> State:
+    """The run's counters, from its checkpoint (resume=auto: the run directory's, falling back to
+    a backup; resume=PATH) into ``run``'s model, optimizer and scheduler; a fresh State when there
+    is none. ``run``: train.py's Run (cfg, run_dir, model, optimizer, scheduler, dist, extras:
+    what else the checkpoint restores, the grad scaler and the averaged weights, with
+    ``load_state_dict(ckpt, path)``)."""
     from imgcls.config import check_resume_config
 
+    cfg, run_dir, dist, scheduler = run.cfg, run.run_dir, run.dist, run.scheduler
     state = State()
     metrics = run_dir / "metrics.jsonl"
     if cfg.resume == "never":
@@ -362,13 +384,13 @@ def resume(cfg: DictConfig, run_dir: Path, model, optimizer, scheduler, dist, ex
         ckpt, path = newer_in_run_dir(cfg, run_dir, load_checkpoint(path), path, dist)
     check_resume_config(ckpt, cfg, path)
     try:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        run.model.load_state_dict(ckpt["model"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
     except (KeyError, RuntimeError, ValueError) as e:
         raise ValueError(f"resume: checkpoint {path} does not fit this model/optimizer/scheduler: {e}") from e
-    if extras is not None:
-        extras.load_state_dict(ckpt, path)
+    if run.extras is not None:
+        run.extras.load_state_dict(ckpt, path)
     set_rng_state(ckpt["rng"])
     state.load(ckpt["state"])
     if state.epoch < cfg.trainer.epochs and all(float(lr) == 0.0 for lr in scheduler.get_last_lr()):
@@ -442,52 +464,41 @@ def trim_metrics(path: Path, step: int) -> None:
         print(f"{path}: dropped its torn last line {torn!r} (a kill or a full disk in mid-write)", flush=True)
 
 
-def save(
-    cfg: DictConfig,
-    run_dir: Path,
-    model,
-    optimizer,
-    scheduler,
-    state: State,
-    dist,
-    extra: dict | None = None,
-    last: bool = True,
-    best: bool = False,
-) -> None:
-    """Rank 0 writes (every rank holds the same weights); the others wait for it.
-    ``extra``: more entries (grad scaler, averaged weights, data info); ``last``: last.pt (with its
-    backups); ``best``: best.pt (the best validation accuracy so far)."""
-    if not dist.is_main:
-        distributed.barrier(dist)
+def save(run, last: bool = True, best: bool = False) -> None:
+    """Save ``run`` (train.py's Run: its model, optimizer, scheduler, state, config, and its
+    extras: grad scaler, averaged weights, data info). Rank 0 writes (every rank holds the same
+    weights); the others wait for it. ``last``: last.pt (with its backups); ``best``: best.pt
+    (the best validation accuracy so far)."""
+    if not run.dist.is_main:
+        distributed.barrier(run.dist)
         return
     try:
-        _save(cfg, run_dir, model, optimizer, scheduler, state, extra or {}, last, best)
+        _save(run, last, best)
     except OSError as e:
-        raise CheckpointWriteError(e.strerror or str(e), checkpoint_path(run_dir), e.errno) from e
-    distributed.barrier(dist)
+        raise CheckpointWriteError(e.strerror or str(e), checkpoint_path(run.run_dir), e.errno) from e
+    distributed.barrier(run.dist)
 
 
 class CheckpointWriteError(WriteFault):
     """A checkpoint could not be written (disk full, read-only...); the previous one is intact."""
 
 
-def _save(
-    cfg: DictConfig, run_dir: Path, model, optimizer, scheduler, state: State, extra: dict, last: bool, best: bool
-) -> None:
+def _save(run, last: bool, best: bool) -> None:
+    cfg = run.cfg
     ckpt = {
-        "model": unwrap_model(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "state": state.to_dict(),
+        "model": unwrap_model(run.model).state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "state": run.state.to_dict(),
         "rng": rng_state(),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "config_unresolved": OmegaConf.to_container(cfg, resolve=False),
-        **extra,
+        **(run.extras.state_dict() if run.extras is not None else {}),
     }
     if last:
-        save_checkpoint(ckpt, checkpoint_path(run_dir), keep=cfg.trainer.keep_checkpoints)
+        save_checkpoint(ckpt, checkpoint_path(run.run_dir), keep=cfg.trainer.keep_checkpoints)
     if best:
-        save_checkpoint(ckpt, best_path(run_dir))
+        save_checkpoint(ckpt, best_path(run.run_dir))
 
 
 def checkpoint_due(t, state: State) -> bool:

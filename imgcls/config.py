@@ -20,9 +20,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from imgcls.exits import EXIT_BAD_INPUT
+
 INTERVALS = ("step", "epoch")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-EXIT_BAD_INPUT = 2  # as train.py: a config value was refused
 
 
 def schedule_units_per_epoch(root: DictConfig) -> int:
@@ -522,7 +523,6 @@ def fill_steps_per_epoch(cfg: DictConfig, given: int | None = None) -> str:
 # Start-up validation: every bad value fails here, before any data is read or step taken.
 # --------------------------------------------------------------------------------------
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SWITCHES = ("trainer.channels_last", "trainer.fused")  # auto | true | false
 
 
@@ -613,6 +613,8 @@ def validate_config(cfg: DictConfig) -> None:
     _int_at_least(cfg, "trainer.limit_eval_batches", 1, optional=True)
     _int_at_least(cfg, "data.crop_padding", 0)
     _one_of(cfg, "trainer.device", DEVICES)
+    from imgcls.precision import PRECISIONS
+
     _one_of(cfg, "trainer.precision", PRECISIONS)
     for key in SWITCHES:
         _switch(cfg, key)

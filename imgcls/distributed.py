@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass
@@ -90,3 +91,25 @@ def shutdown(dist: Dist) -> None:
 
         if td.is_initialized():
             td.destroy_process_group()
+
+
+def join_ranks(device, run_dir: Path) -> tuple[Dist, object, Path]:
+    """Under torchrun: join the process group, take this rank's device, and use rank 0's run
+    directory (each rank's Hydra may have stamped a different time into its own).
+    (dist, device, run_dir); alone: (Dist(), device, run_dir)."""
+    dist = init(use_cuda=device.type == "cuda")
+    if dist.enabled and device.type == "cuda":
+        import torch
+
+        device = torch.device("cuda", dist.local_rank)
+    return dist, device, Path(broadcast(str(run_dir), dist))
+
+
+def wrap(model, dist: Dist, device):
+    """The model in DistributedDataParallel under torchrun (gradients averaged over ranks during
+    backward); the model itself when alone."""
+    if not dist.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 from imgcls.checkpoint import CheckpointError, load_checkpoint
+from imgcls.exits import EXIT_BAD_INPUT, EXIT_INTERRUPTED
 
-EXIT_BAD_INPUT = 2
 MODEL_PREFIX = "imgcls.models."  # the only model builders a checkpoint may name
 DATA_PREFIX = "imgcls.data."  # the only data builders a checkpoint may name
 
@@ -67,6 +67,14 @@ def run_eval(net, batches, device, precision: str, tta_flip: bool, num_classes: 
     if num_classes:
         out["confusion"] = confusion.view(num_classes, num_classes).cpu()
     return out
+
+
+def evaluate_split(net, loader, t, device, precision: str, prefix: str = "test") -> dict:
+    """Loss and accuracy on ``loader`` (a DeviceLoader; flip TTA if trainer ``t.tta_flip``) as
+    ``{prefix}_loss``, ``{prefix}_acc``: train.py's evaluations and its final test.
+    trainer.limit_eval_batches is applied by train.load_data (a fixed, class-balanced subset)."""
+    r = run_eval(net, loader.epoch_batches(0), device, precision, t.tta_flip)
+    return {f"{prefix}_loss": r["loss"], f"{prefix}_acc": r["acc"]}
 
 
 # --------------------------------------------------------------------------------------
@@ -332,9 +340,6 @@ def confusion_png(confusion: torch.Tensor, classes: list[str], path: Path, cell:
     for j in range(k):  # predicted-class initials along the top
         draw.text((margin + j * cell + 4, margin - 14), classes[j][:3], fill="black")
     img.save(path)
-
-
-EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as a shell reports it
 
 
 def interrupted(what: str) -> int:

@@ -17,6 +17,7 @@ import csv
 import inspect
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 # Record key -> the name a logger shows (TensorBoard tag, W&B key, MLflow metric); lr/group_N too.
@@ -33,10 +34,14 @@ TAGS = {
 def open_logger(factory, run_dir, num_groups: int, config: dict | None = None, runs: dict | None = None):
     """Call a logger's factory (the `_partial_` of cfg.logger) with the run directory and the
     number of param groups, plus `config` (the resolved config) and `runs` (the checkpoint's
-    tracker run ids, filled in) for the loggers whose constructor takes them."""
-    params = inspect.signature(factory).parameters
+    tracker run ids, filled in) for the loggers whose constructor takes them. A tracker (W&B,
+    MLflow) takes its config node (logger.project, ...) as one ``settings`` mapping."""
+    cls, keywords = (factory.func, dict(factory.keywords)) if hasattr(factory, "func") else (factory, {})
+    params = inspect.signature(cls).parameters
     extra = {k: v for k, v in (("config", config), ("runs", runs)) if k in params}
-    return factory(run_dir=run_dir, num_groups=num_groups, **extra)
+    if "settings" in params:
+        extra["settings"], keywords = keywords, {}
+    return cls(run_dir=run_dir, num_groups=num_groups, **keywords, **extra)
 
 
 def scalars(record: dict) -> dict:
@@ -78,7 +83,7 @@ class CSVLogger:
             "test_loss",
             "test_acc",
         ]
-        path = self.path = Path(run_dir) / filename  # .path: named by a write fault (train.MetricsLog)
+        path = self.path = Path(run_dir) / filename  # .path: named by a write fault (imgcls.reporting.MetricsLog)
         new = not path.exists()
         self.file = open(path, "a", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=self.columns, extrasaction="ignore")
@@ -110,7 +115,7 @@ class TensorBoardLogger:
                 "logger=tensorboard needs the tensorboard package: pip install tensorboard "
                 "(or the project's `tensorboard` extra)"
             ) from e
-        self.path = Path(run_dir) / subdir  # named by a write fault (train.MetricsLog)
+        self.path = Path(run_dir) / subdir  # named by a write fault (imgcls.reporting.MetricsLog)
         self.writer = SummaryWriter(log_dir=str(self.path))
         _quiet_writer_thread_faults()
 
@@ -185,20 +190,23 @@ class WandbLogger:
     ``<dir or run dir>/wandb/``; offline runs upload later with ``wandb sync``. Needs the
     ``wandb`` package (the ``wandb`` extra)."""
 
+    @dataclass
+    class Settings:
+        """conf/logger/wandb.yaml's keys."""
+
+        project: str = "imgcls"
+        entity: str | None = None
+        mode: str | None = None
+        group: str | None = None
+        name: str | None = None
+        tags: list | None = None
+        dir: str | None = None
+
     def __init__(
-        self,
-        run_dir: str | Path,
-        num_groups: int,
-        config: dict | None = None,
-        runs: dict | None = None,
-        project: str = "imgcls",
-        entity: str | None = None,
-        mode: str | None = None,
-        group: str | None = None,
-        name: str | None = None,
-        tags: list | None = None,
-        dir: str | None = None,
+        self, run_dir: str | Path, num_groups: int, settings=None, config: dict | None = None, runs: dict | None = None
     ):
+        s = self.Settings(**(settings or {}))  # an unknown key: a TypeError naming it (exit 2)
+        project, entity, mode, group, name, tags, dir = s.project, s.entity, s.mode, s.group, s.name, s.tags, s.dir
         try:
             import wandb
         except ImportError:  # from None: config_errors would report the ImportError instead
@@ -262,17 +270,20 @@ class MLflowLogger:
     PARAM_CHARS = 6000  # MLflow's limit on a param value
     BATCH = 100  # MLflow's limit on params per log_batch call
 
+    @dataclass
+    class Settings:
+        """conf/logger/mlflow.yaml's keys."""
+
+        tracking_uri: str | None = None
+        experiment: str = "imgcls"
+        run_name: str | None = None
+        tags: dict | None = None
+
     def __init__(
-        self,
-        run_dir: str | Path,
-        num_groups: int,
-        config: dict | None = None,
-        runs: dict | None = None,
-        tracking_uri: str | None = None,
-        experiment: str = "imgcls",
-        run_name: str | None = None,
-        tags: dict | None = None,
+        self, run_dir: str | Path, num_groups: int, settings=None, config: dict | None = None, runs: dict | None = None
     ):
+        s = self.Settings(**(settings or {}))  # an unknown key: a TypeError naming it (exit 2)
+        tracking_uri, experiment, run_name, tags = s.tracking_uri, s.experiment, s.run_name, s.tags
         try:
             from mlflow.entities import Param
             from mlflow.exceptions import MlflowException

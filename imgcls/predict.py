@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 from imgcls.evaluate import (
-    EXIT_BAD_INPUT,
     data_info,
     interrupted,
     load_model,
@@ -36,6 +35,7 @@ from imgcls.evaluate import (
     usage,
     wants_help,
 )
+from imgcls.exits import EXIT_BAD_INPUT
 
 
 def list_images(spec) -> list[Path]:

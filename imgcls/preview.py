@@ -42,10 +42,10 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from imgcls.config import SchedulerStepper, _one_line, check_schedule_fits, config_errors
+from imgcls.exits import EXIT_BAD_INPUT
 
 TABLE_ROWS = 10  # evenly spaced table rows (plus the first, the milestones and the end)
 PLATEAU_AT = 0.3  # the synthetic test loss stops improving at this fraction of the run
-EXIT_BAD_INPUT = 2  # as train.py: a config value was refused
 EXIT_NO_MATPLOTLIB = 1  # the PNG was asked for but matplotlib is not installed
 
 

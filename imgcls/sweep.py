@@ -28,9 +28,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from imgcls.exits import EXIT_WRITE_FAULT
 from imgcls.io import WriteFault, write_text_atomic
 
-EXIT_WRITE_FAULT = 4  # as train.py: a file could not be written (disk full, read-only)
 FAILED_JOBS = 0  # failed jobs of the multirun in this process, once its table is printed (train.py exits 1)
 
 

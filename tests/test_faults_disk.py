@@ -36,8 +36,8 @@ import pytest
 import torch
 from PIL import Image
 
-import train
 from imgcls.io import WriteFault
+from imgcls.reporting import MetricsLog
 from tests.conftest import assert_same_weights, metrics, weights
 from tests.test_faults import _assert_clean_error, _load, _parallel, _run, _sha, _temp_files
 
@@ -260,19 +260,24 @@ def test_config_on_a_full_disk_and_a_read_only_run_dir_exit_4(tmpfs):
 # 4. results.json, a logger's file, the sweep summary (in-process)
 # --------------------------------------------------------------------------------------
 def _write_results(disk):
-    """train.write_results on a finished run's counters (its test-split evaluation stubbed below)."""
+    """imgcls.results.write_results on a finished run's counters (its test-split evaluation stubbed below)."""
     from imgcls.checkpoint import State
 
     state = State()
     state.step, state.best_acc, state.train_seconds, state.images = 16, 0.5, 1.0, 1024
+    from imgcls.results import write_results
+
     no_val = SimpleNamespace(val=None)
-    train.write_results(None, disk, no_val, None, state, torch.device("cpu"), SimpleNamespace(is_main=True), None)
+    dist = SimpleNamespace(is_main=True)
+    write_results(SimpleNamespace(run_dir=disk, data=no_val, state=state, device=torch.device("cpu"), dist=dist))
 
 
 def test_results_on_a_full_or_read_only_disk_are_a_write_fault_and_keep_the_old_file(tmpfs, monkeypatch):
     # The file is what is tested, not the evaluation that fills it: no model, no data.
+    from imgcls import results
+
     monkeypatch.setattr(
-        train, "final_test", lambda *a: {"final_test_acc": 0.5, "final_test_loss": 1.0, "weights": "raw"}
+        results, "final_test", lambda *a: {"final_test_acc": 0.5, "final_test_loss": 1.0, "weights": "raw"}
     )
     disk = tmpfs("disk", "64k")
     _write_results(disk)
@@ -294,7 +299,7 @@ def test_a_logger_file_on_a_full_disk_is_a_write_fault_naming_it(tmp_path, tmpfs
     disk = tmpfs("disk", "8k")
     run = tmp_path / "run"
     run.mkdir()
-    log = train.MetricsLog(run / "metrics.jsonl", progress=True, logger=CSVLogger(disk, num_groups=1))
+    log = MetricsLog(run / "metrics.jsonl", progress=True, logger=CSVLogger(disk, num_groups=1))
     record = {"step": 1, "epoch": 0.1, "lr": [0.1], "train_loss": 2.0}
     log.write(record, echo=False)
     _fill(disk)

@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 import train
 from imgcls import distributed
 from imgcls.config import compose_config, device_switch, fused_argument
+from imgcls.evaluate import evaluate_split
 from tests.conftest import build_recipe, metrics, run_train, run_until_sigterm
 
 # cifar10_fast as a GPU runs it, on a CPU in seconds per step: tiny width, synthetic data
@@ -77,7 +78,7 @@ def test_gpu_switches_forced_on_a_cpu_reach_model_batches_optimizer_and_autocast
     model.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.trainer.label_smoothing)
     before = [p.detach().clone() for p in model.parameters()]
-    loss = train.train_step(model, optimizer, loss_fn, x, y, cfg.trainer.precision)
+    loss = train.train_step(model, optimizer, loss_fn, x, y, train.StepSettings(cfg.trainer.precision))
     assert seen == [torch.bfloat16], "the forward pass did not run under bf16 autocast"
     assert torch.isfinite(loss) and loss.dtype == torch.float32
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters())), "the fused step changed nothing"
@@ -106,7 +107,7 @@ def test_per_step_work_reads_nothing_back_to_the_host(monkeypatch):
     loss_sum = torch.zeros((), device=device)
     batches = data.train.epoch_batches(0)
     x, y = next(batches)  # the epoch's first batch: the epoch plan is moved to the device once
-    loss_sum += train.train_step(model, optimizer, loss_fn, x, y, True).float()
+    loss_sum += train.train_step(model, optimizer, loss_fn, x, y, train.StepSettings("bf16")).float()
     scheduler.step()
 
     def host_sync(name):
@@ -119,7 +120,7 @@ def test_per_step_work_reads_nothing_back_to_the_host(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, host_sync(name))
     steps = 0
     for x, y in batches:
-        loss_sum += train.train_step(model, optimizer, loss_fn, x, y, True).float()
+        loss_sum += train.train_step(model, optimizer, loss_fn, x, y, train.StepSettings("bf16")).float()
         scheduler.step()
         steps += 1
     monkeypatch.undo()
@@ -180,8 +181,7 @@ def test_compiled_checkpoint_is_the_plain_model_and_loads_uncompiled(compiled_ru
     plain.load_state_dict(state)  # strict: every key matches
     # the loaded model scores what the run reported (eager vs compiled bf16 may flip an image or two)
     data = train.load_data(cfg, torch.device("cpu"), distributed.Dist())
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.trainer.label_smoothing)
-    got = train.evaluate(plain, data.test, cfg.trainer, torch.device("cpu"), True, loss_fn)
+    got = evaluate_split(plain, data.test, cfg.trainer, torch.device("cpu"), "bf16")
     reported = json.loads((compiled_run / "results.json").read_text())["final_test_acc"]
     assert abs(got["test_acc"] - reported) <= 3 / data.test.n, (got, reported)
 

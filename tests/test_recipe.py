@@ -39,36 +39,14 @@ def test_smoke_run_writes_metrics_results_and_checkpoint(tmp_path):
     assert "already finished" in run_recipe(run, *SMOKE).stdout
 
     # results.json's test numbers are those of the saved weights on the in-order, un-augmented
-    # test split (a test loader built with training augmentation would change them)
-    again = evaluate_checkpoint(run / "checkpoints" / "last.pt")
-    assert again["test_loss"] == pytest.approx(results["final_test_loss"], rel=1e-6)
-    assert again["test_acc"] == results["final_test_acc"]
+    # test split (a test loader built with training augmentation would change them): what
+    # `python -m imgcls.evaluate` scores from the checkpoint
+    from imgcls.evaluate import evaluate_checkpoint
 
-
-def evaluate_checkpoint(path):
-    """Test loss and accuracy of a checkpoint's weights on its config's test split, in order."""
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    import train
-    from imgcls.data import DeviceLoader, load_configured
-
-    ckpt = torch.load(path, weights_only=True)
-    cfg = OmegaConf.create(ckpt["config"])
-    ds = load_configured(cfg.data)
-    model = instantiate(cfg.model)(num_classes=cfg.data.num_classes)
-    model.load_state_dict(ckpt["model"])
-    loader = DeviceLoader(
-        ds.test_images,
-        ds.test_labels,
-        cfg.trainer.eval_batch_size,
-        device="cpu",
-        mean=ds.mean,
-        std=ds.std,
-        train=False,
-        drop_last=False,
-    )
-    return train.evaluate(model, loader, cfg.trainer, torch.device("cpu"), False, None)
+    args = {"checkpoint": str(run / "checkpoints" / "last.pt"), "split": "test", "out": str(tmp_path / "eval")}
+    again = evaluate_checkpoint({**args, "device": "cpu", "batch_size": None, "weights": "auto", "data": {}})
+    assert again["loss"] == pytest.approx(results["final_test_loss"], rel=1e-6)
+    assert again["acc"] == results["final_test_acc"]
 
 
 def test_resume_from_an_epoch_boundary_is_bit_identical(tmp_path):
