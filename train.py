@@ -23,18 +23,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from imgcls import distributed
-from imgcls.config import (
-    check_filled_in,
-    check_writable,
-    config_errors,
-    device_switch,
-    fused_argument,
-    pick_device,
-    preflight,
-    setup,
-    validate_config,
-)
-from imgcls.exits import EXIT_JOB_FAILED, EXIT_SIGNAL, StopRequest, exit_cleanly, interrupted
+from imgcls.config import check_filled_in, check_writable, preflight, setup, validate_config
+from imgcls.device import device_switch, fused_argument, pick_device
+from imgcls.exits import EXIT_JOB_FAILED, EXIT_SIGNAL, StopRequest, config_errors, exit_cleanly, interrupted
 from imgcls.reporting import Reporter, TrainLoss, log_results
 from imgcls.results import write_results
 from imgcls.runlock import RunLock, hold, write_config
@@ -57,7 +48,7 @@ def cli() -> None:
     except KeyboardInterrupt:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        interrupted()
+        sys.exit(interrupted())
     from imgcls import sweep
 
     if sweep.FAILED_JOBS:  # a multirun whose jobs all ran, some refused (each said why in one line)
@@ -71,7 +62,7 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
     with exit_cleanly(run_dir) as outcome:
         return recipe(cfg, run_dir)
-    return outcome.failed  # a refused job of a multirun (imgcls.sweep.JobFailed): the next one runs
+    return outcome.failed  # a refused job of a multirun (imgcls.exits.JobFailed): the next one runs
 
 
 def recipe(cfg: DictConfig, run_dir: Path) -> float | None:
@@ -81,7 +72,7 @@ def recipe(cfg: DictConfig, run_dir: Path) -> float | None:
     check_filled_in(cfg)  # 1. config (fails before any work): schedule.steps_per_epoch is ours
     validate_config(cfg)
     check_writable(run_dir)  #    the run directory
-    device = pick_device(cfg)  #    the device
+    device = pick_device(cfg.trainer.device)  #    the device
     dist, device, run_dir = distributed.join_ranks(device, run_dir)  #    torchrun: one process per device
     with hold(run_dir, dist.is_main) as lock:  #    one process per run directory, for the run's life
         seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, device)  # 2. seed
@@ -238,7 +229,7 @@ def build_optimizer(cfg: DictConfig, model, device):
 def build_scheduler(cfg: DictConfig, optimizer):
     """The schedule tree of cfg.scheduler, built on the optimizer (the one place it gets it),
     refused if it does not fit the run (a milestone past the end, a warmup that never ends)."""
-    from imgcls.config import check_schedule_fits
+    from imgcls.schedule import check_schedule_fits
 
     with config_errors("scheduler"):
         scheduler = hydra.utils.instantiate(cfg.scheduler, _convert_="all")(optimizer)
@@ -290,7 +281,7 @@ class Loop:
     def __init__(self, run: Run):
         import torch
 
-        from imgcls.config import SchedulerStepper
+        from imgcls.schedule import SchedulerStepper
 
         self.run, self.cfg, self.t, self.run_dir, self.data = run, run.cfg, run.cfg.trainer, run.run_dir, run.data
         self.model, self.optimizer, self.scheduler, self.state = run.model, run.optimizer, run.scheduler, run.state

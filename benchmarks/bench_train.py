@@ -313,7 +313,8 @@ def bench_model(
     from omegaconf import open_dict
 
     import train as recipe  # train.py: the step and the evaluation it times are the real ones
-    from imgcls.checkpoint import save_checkpoint, unwrap_model
+    from imgcls.checkpoint import save_checkpoint
+    from imgcls.distributed import unwrap_model
     from imgcls.evaluate import evaluate_split
 
     overrides = [*compose_overrides, f"model={name}"] + ([f"model.width={s['width']}"] if name == "resnet9" else [])

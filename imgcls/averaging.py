@@ -21,7 +21,7 @@ import math
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 
-from imgcls.checkpoint import unwrap_model
+from imgcls.distributed import unwrap_model
 
 
 def check_averaging(ema_decay, swa_start) -> None:

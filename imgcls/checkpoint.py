@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
 from imgcls import distributed
+from imgcls.config import flatten_config
 from imgcls.io import WriteFault, free_bytes, fsync_dir, human_bytes, torch_save
 
 __all__ = [
@@ -43,7 +43,6 @@ __all__ = [
     "backup_path",
     "rng_state",
     "set_rng_state",
-    "unwrap_model",
     "State",
     "Extras",
     "checkpoint_path",
@@ -289,20 +288,6 @@ def set_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state(s.cpu(), i)
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain module behind torch.compile (`_orig_mod`) and (Distributed)DataParallel
-    (`.module`), unwrapped repeatedly, so saved state_dict keys have no `_orig_mod.` /
-    `module.` prefixes and load into an unwrapped model of the same architecture."""
-    while True:
-        inner = getattr(model, "_orig_mod", None)  # torch._dynamo OptimizedModule
-        if isinstance(inner, nn.Module):
-            model = inner
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        else:
-            return model
-
-
 # --------------------------------------------------------------------------------------
 # The run's checkpoint policy (train.py): what a checkpoint holds, resuming with fallback
 # to a backup, trimming metrics.jsonl to the checkpoint, when to save, who writes.
@@ -366,7 +351,6 @@ def resume(run) -> State:
     is none. ``run``: train.py's Run (cfg, run_dir, model, optimizer, scheduler, dist, extras:
     what else the checkpoint restores, the grad scaler and the averaged weights, with
     ``load_state_dict(ckpt, path)``)."""
-    from imgcls.config import check_resume_config
 
     cfg, run_dir, dist, scheduler = run.cfg, run.run_dir, run.dist, run.scheduler
     state = State()
@@ -486,7 +470,7 @@ class CheckpointWriteError(WriteFault):
 def _save(run, last: bool, best: bool) -> None:
     cfg = run.cfg
     ckpt = {
-        "model": unwrap_model(run.model).state_dict(),
+        "model": distributed.unwrap_model(run.model).state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
         "state": run.state.to_dict(),
@@ -504,3 +488,41 @@ def _save(run, last: bool, best: bool) -> None:
 def checkpoint_due(t, state: State) -> bool:
     """After an epoch: every trainer.checkpoint_every epochs and at the end (and on a stop)."""
     return state.finished or state.epoch % t.checkpoint_every == 0
+
+
+# --------------------------------------------------------------------------------------
+# Resume: which config changes a checkpoint tolerates.
+# --------------------------------------------------------------------------------------
+STRUCTURAL = ("model", "optimizer", "scheduler", "schedule.interval", "data")
+SAFE_DATA_KEYS = ("data.dataset.root", "data.dataset.download")  # where the same data lives
+
+
+def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
+    """(structural, safe) keys whose value differs between two unresolved configs."""
+    a, b = flatten_config(saved), flatten_config(current)
+    changed = sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
+    changed = [k for k in changed if not k.startswith(("hydra.", "resume", "schedule.steps_per_epoch"))]
+    structural = [k for k in changed if k.startswith(STRUCTURAL) and not k.startswith(SAFE_DATA_KEYS)]
+    return structural, [k for k in changed if k not in structural]
+
+
+def check_resume_config(ckpt: dict, cfg: DictConfig, path) -> None:
+    """Refuse to resume across a structural config change unless resume_force=true."""
+    saved = ckpt.get("config_unresolved")
+    if saved is None:
+        raise ValueError(f"resume: {path} has no config_unresolved entry; it was not written by train.py")
+    structural, safe = config_changes(saved, OmegaConf.to_container(cfg, resolve=False))
+    if structural and not cfg.resume_force:
+        raise ValueError(
+            f"resume: {path} was written with a different model/optimizer/scheduler/data config; "
+            f"differing keys: {', '.join(structural)}. Start a new run directory, or pass "
+            f"resume_force=true to load it anyway."
+        )
+    if structural or safe:
+        print(f"resume: config changed since {path}: {', '.join(structural + safe)}", flush=True)
+    if any(k.startswith("trainer.epochs") for k in safe):
+        print(
+            "resume: the schedule continues as saved (its lengths are in the checkpoint); "
+            "its last phase runs on for the extra epochs",
+            flush=True,
+        )

@@ -1,15 +1,7 @@
-"""Config helpers: the OmegaConf resolvers that turn schedule lengths into steps at run time.
-
-Schedule lengths are written in epochs or as fractions of the run, never as step counts:
-
-* ``${epochs:N}``          N epochs, in the schedule's units
-* ``${run_fraction:F}``    the first fraction F of the run, in the schedule's units
-* ``${run_remainder:F}``   what is left of the run after ``${run_fraction:F}``
-* ``${mul:A,B}``           A x B (e.g. a minimum lr as a fraction of the peak)
-
-The schedule's unit is one optimizer step when ``schedule.interval`` is ``step`` and one
-epoch when it is ``epoch``. ``train.py`` fills ``schedule.steps_per_epoch`` from the real
-data before it builds the scheduler, so ``trainer.epochs=30`` stretches every schedule.
+"""The config: composing it from conf/ (the ONE composition function), turning composition
+errors into one line naming the key, and validating a composed config once, before any
+data is read or step taken. The schedule-length resolvers themselves are imgcls.schedule's;
+the device choice is imgcls.device's; what a resume tolerates is imgcls.checkpoint's.
 """
 
 from __future__ import annotations
@@ -20,40 +12,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from imgcls.exits import EXIT_BAD_INPUT
+from imgcls.device import DEVICES, SWITCHES
+from imgcls.exits import EXIT_BAD_INPUT, one_line
+from imgcls.schedule import INTERVALS, _epochs, _mul, _run_fraction, _run_remainder, fill_steps_per_epoch
 
-INTERVALS = ("step", "epoch")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-
-def schedule_units_per_epoch(root: DictConfig) -> int:
-    interval = root.schedule.interval
-    if interval not in INTERVALS:
-        raise ValueError(f"schedule.interval: {interval!r} is not one of {list(INTERVALS)}")
-    return int(root.schedule.steps_per_epoch) if interval == "step" else 1
-
-
-def schedule_total_units(root: DictConfig) -> int:
-    return int(root.trainer.epochs) * schedule_units_per_epoch(root)
-
-
-def _epochs(n, *, _root_: DictConfig) -> int:
-    return round(float(n) * schedule_units_per_epoch(_root_))
-
-
-def _run_fraction(f, *, _root_: DictConfig) -> int:
-    f = float(f)
-    if not 0.0 <= f <= 1.0:
-        raise ValueError(f"${{run_fraction:{f}}}: the fraction must be in [0, 1]")
-    return round(f * schedule_total_units(_root_))
-
-
-def _run_remainder(f, *, _root_: DictConfig) -> int:
-    return schedule_total_units(_root_) - _run_fraction(f, _root_=_root_)
-
-
-def _mul(a, b) -> float:
-    return float(a) * float(b)
 
 
 def _project_dir(sub: str = "") -> str:
@@ -71,7 +34,7 @@ def _pid() -> int:
 
 
 def register_resolvers() -> None:
-    """Register the resolvers above (idempotent)."""
+    """Register the schedule-length resolvers (imgcls.schedule) and the path ones above (idempotent)."""
     for name, fn in {
         "epochs": _epochs,
         "run_fraction": _run_fraction,
@@ -81,121 +44,6 @@ def register_resolvers() -> None:
         "project_dir": _project_dir,
     }.items():
         OmegaConf.register_new_resolver(name, fn, replace=True)
-
-
-# --------------------------------------------------------------------------------------
-# When the scheduler steps: the ONE place (train.py, the preview and the conf tests call it)
-# --------------------------------------------------------------------------------------
-class SchedulerStepper:
-    """Steps ``scheduler`` after every optimizer step (``schedule.interval: step``) or after
-    every epoch (``epoch``); an epoch-end step gets the latest test loss when a
-    ReduceLROnPlateau phase needs it. ``lrs()`` is what ``metrics.jsonl`` logs as ``lr`` at
-    step N: the lr in effect after N optimizer steps and the scheduler steps due by then (the
-    lr step N+1 uses; at the end of the run, the lr the run ends with), whatever the interval."""
-
-    def __init__(self, scheduler, optimizer, interval: str):
-        from sched import needs_metrics
-
-        if interval not in INTERVALS:
-            raise ValueError(f"schedule.interval: {interval!r} is not one of {list(INTERVALS)}")
-        self.scheduler, self.optimizer = scheduler, optimizer
-        self.per_step = interval == "step"
-        self.wants_metric = needs_metrics(scheduler)
-
-    def after_step(self) -> None:
-        if self.per_step:
-            self.scheduler.step()
-
-    def after_epoch(self, test_loss: float | None) -> None:
-        if self.per_step:
-            return
-        if self.wants_metric and test_loss is not None:
-            self.scheduler.step(test_loss)
-        else:
-            self.scheduler.step()
-
-    def lrs(self) -> list[float]:
-        return [float(g["lr"]) for g in self.optimizer.param_groups]
-
-
-# --------------------------------------------------------------------------------------
-# Does the schedule fit the run? (after its lengths are resolved; train.py and the preview)
-# --------------------------------------------------------------------------------------
-_LENGTHS = {"LinearLR": "total_iters", "PolynomialLR": "total_iters", "CosineAnnealingLR": "T_max"}
-
-
-def schedule_misfits(scheduler, cfg: DictConfig) -> list[str]:
-    """What of the built ``scheduler`` the run never reaches: a milestone at or past the end of
-    the run (or of its enclosing phase), so the phase after it never runs, or a phase with a
-    target (LinearLR/PolynomialLR ``total_iters``, CosineAnnealingLR ``T_max``) that cannot
-    complete before the end. Each in the schedule's units, steps and epochs."""
-    spe = int(cfg.schedule.steps_per_epoch)
-    per_step = cfg.schedule.interval == "step"
-    total = schedule_total_units(cfg)
-
-    def at(units: int) -> str:
-        steps = units if per_step else units * spe
-        return f"step {steps} (epoch {steps / spe:g})"
-
-    found = []
-
-    def walk(s, offset: int, end: int, path: str) -> None:
-        where = "the run" if end == total else "its phase"
-        milestones, children = getattr(s, "_milestones", None), getattr(s, "_schedulers", None)
-        if milestones is not None and children is not None:  # a SequentialLR
-            for i, m in enumerate(milestones):
-                if offset + m >= end:
-                    found.append(
-                        f"{path}milestones[{i}] = {m} starts {path}schedulers[{i + 1}] at {at(offset + m)}, not "
-                        f"before the end of {where} at {at(end)}: that phase never runs"
-                    )
-                    break
-            starts = [0, *milestones]
-            for i, child in enumerate(children):
-                start = offset + starts[i]
-                if start >= end:
-                    break
-                stop = min(end, offset + milestones[i]) if i < len(milestones) else end
-                walk(child, start, stop, f"{path}schedulers[{i}].")
-            return
-        name = type(s).__name__
-        if name == "MultiStepLR":
-            for m in sorted(s.milestones):
-                if offset + m >= end:
-                    found.append(
-                        f"{path}milestones: {m} is at {at(offset + m)}, not before the end of "
-                        f"{where} at {at(end)}: that decay never happens"
-                    )
-        key = _LENGTHS.get(name)
-        if key is not None and offset + int(getattr(s, key)) > end:
-            n = int(getattr(s, key))
-            found.append(
-                f"{path}{key} = {n}: the {name} phase from {at(offset)} needs until "
-                f"{at(offset + n)}, but {where} ends at {at(end)}: it never completes"
-            )
-
-    walk(scheduler, 0, total, "scheduler.")
-    return found
-
-
-def check_schedule_fits(scheduler, cfg: DictConfig) -> None:
-    """Refuse a schedule that does not fit the run (schedule.allow_truncated=true: a warning)."""
-    misfits = schedule_misfits(scheduler, cfg)
-    if not misfits:
-        return
-    spe = cfg.schedule.steps_per_epoch
-    message = (
-        f"{misfits[0]} (the run: {cfg.trainer.epochs} epochs x {spe} steps = "
-        f"{cfg.trainer.epochs * spe} steps); shorten the schedule, raise trainer.epochs, "
-        f"or set schedule.allow_truncated=true to run it cut short"
-    )
-    if not cfg.schedule.allow_truncated:
-        raise ValueError(message)
-    print(
-        f"warning: {message.split('; shorten')[0]}; running it cut short (schedule.allow_truncated=true)",
-        file=sys.stderr,
-        flush=True,
-    )
 
 
 # --------------------------------------------------------------------------------------
@@ -273,11 +121,6 @@ def compose_config(overrides, return_hydra_config: bool = False) -> tuple[DictCo
     return cfg, choices
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).split("Config search path:")[0]
-    return " ".join(line.strip() for line in text.splitlines() if line.strip())
-
-
 def _override_of(key: str, overrides) -> tuple[str, str | None]:
     """(the key as the override wrote it, its value) of the override that sets ``key`` or below."""
     for o in overrides:
@@ -347,10 +190,10 @@ def composition_error(e: BaseException, overrides) -> str:
         group, _, option = missing.rpartition("/")
         if group and e.options:
             return f"{group}: {option!r} is not an option of conf/{group}/; accepted: {', '.join(sorted(e.options))}"
-        return _one_line(e)
+        return one_line(e)
     if isinstance(e, OverrideParseException):
         bad = _bad_override(overrides)
-        return f"{bad}: {_one_line(e)}"
+        return f"{bad}: {one_line(e)}"
     key = getattr(cause, "full_key", None)
     kind = getattr(cause, "object_type", None)
     if key and isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
@@ -367,7 +210,7 @@ def composition_error(e: BaseException, overrides) -> str:
         leaf = key.rpartition(".")[2]
         expected = _expected_type(kind, leaf) if kind is not None else "another type"
         return f"{key}: {value} is not accepted; expected {expected}"
-    return _named(_one_line(e) + (f": {_one_line(cause)}" if cause is not e else ""), overrides)
+    return _named(one_line(e) + (f": {one_line(cause)}" if cause is not e else ""), overrides)
 
 
 def _keys_without(key: str, overrides) -> list[str]:
@@ -506,52 +349,9 @@ def _one_job(overrides) -> list[str]:
     return out
 
 
-def fill_steps_per_epoch(cfg: DictConfig, given: int | None = None) -> str:
-    """``schedule.steps_per_epoch`` from the data config, without reading images (as the
-    preview counts it); returns where the number came from."""
-    from omegaconf import open_dict
-
-    from imgcls.preview import steps_per_epoch
-
-    spe, source = steps_per_epoch(cfg, given)
-    with open_dict(cfg):
-        cfg.schedule.steps_per_epoch = spe
-    return source
-
-
 # --------------------------------------------------------------------------------------
 # Start-up validation: every bad value fails here, before any data is read or step taken.
 # --------------------------------------------------------------------------------------
-DEVICES = ("auto", "cpu", "cuda")
-SWITCHES = ("trainer.channels_last", "trainer.fused")  # auto | true | false
-
-
-def device_switch(value, device) -> bool:
-    """A CUDA-by-default switch (trainer.channels_last, trainer.fused): ``auto`` is on for a
-    CUDA device only (the GPU recipe); ``true``/``false`` force it on any device, so the
-    CUDA code paths can be run, and tested, on a CPU."""
-    return device.type == "cuda" if value == "auto" else bool(value)
-
-
-def fused_argument(value, device, optimizer_class) -> dict:
-    """The ``fused`` keyword for the optimizer, from trainer.fused: ``{"fused": True}`` (one
-    kernel for the whole update instead of one per tensor) when on and the class takes it,
-    ``{"fused": False}`` when forced off, else nothing; forced on for a class without it is refused."""
-    import inspect
-
-    takes_fused = "fused" in inspect.signature(optimizer_class).parameters
-    if device_switch(value, device):
-        if takes_fused:
-            return {"fused": True}
-        if value is True:
-            name = f"{optimizer_class.__module__}.{optimizer_class.__qualname__}"
-            raise ValueError(
-                f"trainer.fused: true is not accepted for {name}, which takes no fused argument; expected auto or false"
-            )
-        return {}  # auto on CUDA: the optimizer's own default
-    return {"fused": False} if takes_fused and value is False else {}
-
-
 def _switch(cfg: DictConfig, key: str) -> None:
     value = OmegaConf.select(cfg, key)
     if value != "auto" and not isinstance(value, bool):  # 1/0 are not bools: refused too
@@ -653,33 +453,6 @@ def validate_config(cfg: DictConfig) -> None:
             )
 
 
-def pick_device(cfg: DictConfig):
-    """The torch device of trainer.device (auto: this job's GPU if there is one, else the CPU)."""
-    import torch
-
-    want = cfg.trainer.device
-    if want == "cuda" and not torch.cuda.is_available():
-        raise ValueError("trainer.device: 'cuda' but no CUDA device is available; use trainer.device=cpu or auto")
-    if want == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", _job_gpu())
-
-
-def _job_gpu() -> int:
-    """The GPU of this job: in a multirun on a machine with several GPUs, job N takes GPU
-    N mod count (parallel joblib jobs then use one GPU each); otherwise the current one."""
-    import torch
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    count = torch.cuda.device_count()
-    if count > 1 and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        index = int(HydraConfig.get().job.num) % count
-        torch.cuda.set_device(index)
-        return index
-    return torch.cuda.current_device()
-
-
 def check_writable(run_dir) -> None:
     """Create <run dir>/checkpoints and probe it: an unwritable run directory fails at start-up."""
     ckpt_dir = Path(run_dir) / "checkpoints"
@@ -697,76 +470,15 @@ def check_writable(run_dir) -> None:
         raise ValueError(msg) from e
 
 
-class config_errors:
-    """Re-raise a constructor's error as a ValueError that names the config group:
-    ``with config_errors("optimizer"): ...`` turns torch's "Invalid momentum value: -1" into
-    "optimizer: Invalid momentum value: -1" (Hydra wraps it in InstantiationException)."""
-
-    def __init__(self, group: str):
-        self.group = group
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, tb):
-        from hydra.errors import InstantiationException
-
-        if kind is not None and issubclass(kind, (ValueError, TypeError, InstantiationException)):
-            message = _one_line(exc.__cause__ or exc)
-            first = message.split(" ", 1)[0]
-            if not (first.startswith(self.group + ".") and first.endswith(":")):  # "data.dataset.x: ..." names its key
-                message = f"{self.group}: {message}"
-            raise ValueError(message) from exc
-        return False
-
-
-# --------------------------------------------------------------------------------------
-# Resume: which config changes a checkpoint tolerates.
-# --------------------------------------------------------------------------------------
-STRUCTURAL = ("model", "optimizer", "scheduler", "schedule.interval", "data")
-SAFE_DATA_KEYS = ("data.dataset.root", "data.dataset.download")  # where the same data lives
-
-
-def _flatten(d, prefix: str = "") -> dict:
+def flatten_config(d, prefix: str = "") -> dict:
     if isinstance(d, dict):
         out = {}
         for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten_config(v, f"{prefix}{k}."))
         return out or {prefix[:-1]: {}}
     if isinstance(d, list):
         out = {}
         for i, v in enumerate(d):
-            out.update(_flatten(v, f"{prefix}{i}."))
+            out.update(flatten_config(v, f"{prefix}{i}."))
         return out or {prefix[:-1]: []}
     return {prefix[:-1]: d}
-
-
-def config_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
-    """(structural, safe) keys whose value differs between two unresolved configs."""
-    a, b = _flatten(saved), _flatten(current)
-    changed = sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
-    changed = [k for k in changed if not k.startswith(("hydra.", "resume", "schedule.steps_per_epoch"))]
-    structural = [k for k in changed if k.startswith(STRUCTURAL) and not k.startswith(SAFE_DATA_KEYS)]
-    return structural, [k for k in changed if k not in structural]
-
-
-def check_resume_config(ckpt: dict, cfg: DictConfig, path) -> None:
-    """Refuse to resume across a structural config change unless resume_force=true."""
-    saved = ckpt.get("config_unresolved")
-    if saved is None:
-        raise ValueError(f"resume: {path} has no config_unresolved entry; it was not written by train.py")
-    structural, safe = config_changes(saved, OmegaConf.to_container(cfg, resolve=False))
-    if structural and not cfg.resume_force:
-        raise ValueError(
-            f"resume: {path} was written with a different model/optimizer/scheduler/data config; "
-            f"differing keys: {', '.join(structural)}. Start a new run directory, or pass "
-            f"resume_force=true to load it anyway."
-        )
-    if structural or safe:
-        print(f"resume: config changed since {path}: {', '.join(structural + safe)}", flush=True)
-    if any(k.startswith("trainer.epochs") for k in safe):
-        print(
-            "resume: the schedule continues as saved (its lengths are in the checkpoint); "
-            "its last phase runs on for the extra epochs",
-            flush=True,
-        )

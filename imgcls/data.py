@@ -787,7 +787,7 @@ def dataset_source(data) -> DataSource:
     keys): train.py, the preview, evaluate and the tests build it here."""
     import hydra
 
-    from imgcls.config import config_errors
+    from imgcls.exits import config_errors
 
     with config_errors("data.dataset"):
         source = hydra.utils.instantiate(data.dataset, _convert_="all")

@@ -113,3 +113,19 @@ def wrap(model, dist: Dist, device):
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def unwrap_model(model):
+    """The plain module behind torch.compile (`_orig_mod`) and (Distributed)DataParallel
+    (`.module`), unwrapped repeatedly, so saved state_dict keys have no `_orig_mod.` /
+    `module.` prefixes and load into an unwrapped model of the same architecture."""
+    from torch import nn
+
+    while True:
+        inner = getattr(model, "_orig_mod", None)  # torch._dynamo OptimizedModule
+        if isinstance(inner, nn.Module):
+            model = inner
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model

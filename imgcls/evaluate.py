@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 from imgcls.checkpoint import CheckpointError, load_checkpoint
-from imgcls.exits import EXIT_BAD_INPUT, EXIT_INTERRUPTED
+from imgcls.device import pick_device
+from imgcls.exits import EXIT_BAD_INPUT, interrupted
 
 MODEL_PREFIX = "imgcls.models."  # the only model builders a checkpoint may name
 DATA_PREFIX = "imgcls.data."  # the only data builders a checkpoint may name
@@ -130,16 +131,6 @@ def load_model(path: Path, device: torch.device, weights: str = "auto"):
             f"({first[1].strip() if len(first) > 1 else first[0]})"
         ) from e
     return model.to(device).eval(), ckpt, cfg, which
-
-
-def pick_device(value) -> torch.device:
-    if value in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if value not in ("cpu", "cuda"):
-        raise ValueError(f"device: {value!r} is not accepted; expected auto, cpu or cuda")
-    if value == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: 'cuda' but no CUDA device is available; use device=cpu or auto")
-    return torch.device(value)
 
 
 def data_info(ckpt: dict, cfg) -> dict:
@@ -275,7 +266,7 @@ def evaluate_checkpoint(args: dict) -> dict:
     split = args["split"]
     if split not in ("test", "val"):
         raise ValueError(f"split: {split!r} is not accepted; expected test or val")
-    device = pick_device(args["device"])
+    device = pick_device(args["device"], key="device")
     path = resolve_checkpoint(args["checkpoint"])
     model, ckpt, cfg, which = load_model(path, device, args["weights"])
     info = data_info(ckpt, cfg)
@@ -340,12 +331,6 @@ def confusion_png(confusion: torch.Tensor, classes: list[str], path: Path, cell:
     for j in range(k):  # predicted-class initials along the top
         draw.text((margin + j * cell + 4, margin - 14), classes[j][:3], fill="black")
     img.save(path)
-
-
-def interrupted(what: str) -> int:
-    """Ctrl-C: one line instead of a traceback, exit 130."""
-    print(f"interrupted: {what} stopped (Ctrl-C)", file=sys.stderr, flush=True)
-    return EXIT_INTERRUPTED
 
 
 def wants_help(argv) -> bool:

@@ -21,10 +21,12 @@ EXIT_WRITE_FAULT = 4  # a file could not be written: disk full, read-only (what 
 EXIT_JOB_FAILED = 1  # a multirun ran every job and some failed (the sweep summary marks them)
 
 
-def interrupted() -> None:
-    """Ctrl-C outside the training loop: one line, exit 130 (what was saved is intact)."""
-    print("interrupted: Ctrl-C; stopped (what was saved is intact)", file=sys.stderr, flush=True)
-    sys.exit(EXIT_INTERRUPTED)
+def interrupted(what: str | None = None) -> int:
+    """Ctrl-C outside the training loop (start-up, the final test, evaluate, predict): one
+    line instead of a traceback; returns the exit code, 130 (what was saved is intact)."""
+    said = f"{what} stopped (Ctrl-C)" if what else "Ctrl-C; stopped (what was saved is intact)"
+    print(f"interrupted: {said}", file=sys.stderr, flush=True)
+    return EXIT_INTERRUPTED
 
 
 class exit_cleanly:
@@ -32,7 +34,7 @@ class exit_cleanly:
     (HYDRA_FULL_ERROR=1 shows the traceback instead). A run that fails at start-up leaves no
     empty run directory behind (imgcls.runlock.remove_if_unused: start-up files only; a Ctrl-C
     is cleaned up by the run's lock, imgcls.runlock.hold). In a multirun the job ends instead,
-    after the same one line: ``failed`` is then what main returns (an imgcls.sweep.JobFailed,
+    after the same one line: ``failed`` is then what main returns (a JobFailed,
     which the sweep summary marks failed), and the next job runs."""
 
     def __init__(self, run_dir: Path | None = None):
@@ -46,7 +48,7 @@ class exit_cleanly:
         if kind is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             return False
         if issubclass(kind, KeyboardInterrupt):  # Ctrl-C at start-up (or after training)
-            interrupted()
+            sys.exit(interrupted())
         from omegaconf.errors import OmegaConfBaseException
 
         from imgcls.io import WriteFault, is_write_fault
@@ -68,11 +70,24 @@ class exit_cleanly:
         from hydra.types import RunMode
 
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-            from imgcls.sweep import JobFailed
-
             self.failed = JobFailed(code, str(exc))  # no Hydra traceback; the next job runs
             return True
         sys.exit(code)
+
+
+class JobFailed:
+    """What train.py's main returns for a multirun job it refused: the exit code the job would
+    have had alone and its one-line error (already printed). Picklable (joblib workers). Not a
+    number: an Optuna sweeper records the trial as failed and goes on."""
+
+    def __init__(self, code: int, message: str):
+        self.code, self.message = code, message
+
+    def __str__(self) -> str:
+        return f"{self.message} (exit code {self.code})"
+
+    def __float__(self) -> float:
+        raise TypeError(f"the job failed: {self}")
 
 
 class StopRequest:
@@ -105,3 +120,31 @@ class StopRequest:
     def __exit__(self, *exc):
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
+
+
+def one_line(e: BaseException) -> str:
+    text = str(e).split("Config search path:")[0]
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+class config_errors:
+    """Re-raise a constructor's error as a ValueError that names the config group:
+    ``with config_errors("optimizer"): ...`` turns torch's "Invalid momentum value: -1" into
+    "optimizer: Invalid momentum value: -1" (Hydra wraps it in InstantiationException)."""
+
+    def __init__(self, group: str):
+        self.group = group
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        from hydra.errors import InstantiationException
+
+        if kind is not None and issubclass(kind, (ValueError, TypeError, InstantiationException)):
+            message = one_line(exc.__cause__ or exc)
+            first = message.split(" ", 1)[0]
+            if not (first.startswith(self.group + ".") and first.endswith(":")):  # "data.dataset.x: ..." names its key
+                message = f"{self.group}: {message}"
+            raise ValueError(message) from exc
+        return False

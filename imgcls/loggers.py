@@ -300,9 +300,9 @@ class MLflowLogger:
         exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment, artifact_location=artifacts)
         params = {}
         if config is not None:
-            from imgcls.config import _flatten
+            from imgcls.config import flatten_config
 
-            params = {k: str(v)[: self.PARAM_CHARS] for k, v in _flatten(config).items()}
+            params = {k: str(v)[: self.PARAM_CHARS] for k, v in flatten_config(config).items()}
         run = None
         if runs.get("mlflow"):
             try:

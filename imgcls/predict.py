@@ -25,17 +25,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from imgcls.device import pick_device
 from imgcls.evaluate import (
     data_info,
-    interrupted,
     load_model,
     parse_args,
-    pick_device,
     resolve_checkpoint,
     usage,
     wants_help,
 )
-from imgcls.exits import EXIT_BAD_INPUT
+from imgcls.exits import EXIT_BAD_INPUT, interrupted
 
 
 def list_images(spec) -> list[Path]:
@@ -70,7 +69,7 @@ def predict(args: dict) -> dict:
 
     from imgcls.precision import autocast, resolve_precision
 
-    device = pick_device(args["device"])
+    device = pick_device(args["device"], key="device")
     path = resolve_checkpoint(args["checkpoint"])
     files = list_images(args["images"])
     model, ckpt, cfg, which = load_model(path, device, args["weights"])

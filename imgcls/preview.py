@@ -39,10 +39,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
-from imgcls.config import SchedulerStepper, _one_line, check_schedule_fits, config_errors
-from imgcls.exits import EXIT_BAD_INPUT
+from imgcls.exits import EXIT_BAD_INPUT, config_errors, one_line
+from imgcls.schedule import SchedulerStepper, check_schedule_fits, steps_per_epoch
 
 TABLE_ROWS = 10  # evenly spaced table rows (plus the first, the milestones and the end)
 PLATEAU_AT = 0.3  # the synthetic test loss stops improving at this fraction of the run
@@ -76,50 +76,6 @@ def check_config(cfg: DictConfig) -> None:
     with open_dict(probe):
         probe.resume = "never"
     validate_config(probe)
-
-
-def steps_per_epoch(cfg: DictConfig, given: int | None = None) -> tuple[int, str]:
-    """``schedule.steps_per_epoch`` as train.py would fill it, and where it came from."""
-    t = cfg.trainer
-    if given is not None:
-        batches, source = given, f"--steps-per-epoch {given}"
-    else:
-        n, what = train_set_size(cfg)
-        if t.batch_size > n:
-            raise PreviewError(
-                f"trainer.batch_size: {t.batch_size} is larger than the {n} training images; use at most {n}"
-            )
-        batches = n // t.batch_size
-        source = f"{what} // batch {t.batch_size}"
-    limit = t.limit_train_batches
-    if limit and limit < batches:
-        source += "" if given is not None else f" = {batches}"
-        return limit, f"{source}, capped by trainer.limit_train_batches={limit}"
-    return batches, source
-
-
-def train_set_size(cfg: DictConfig) -> tuple[int, str]:
-    """The number of training images the data config names, counted by its DataSource without
-    reading them (a source that cannot count is loaded), less the validation split
-    (data.val_size) that train.py holds out of them."""
-    from imgcls.data import dataset_source
-    from imgcls.splits import val_count
-
-    hint = "or pass --steps-per-epoch N (N = training images // trainer.batch_size)"
-    missing = sorted(OmegaConf.missing_keys(cfg.data.dataset))
-    if missing:
-        raise PreviewError(f"data.dataset.{missing[0]}: ??? (no value) is not accepted; pass it, {hint}")
-    try:
-        source = dataset_source(cfg.data)
-        if source.train_size is not None:
-            n, how = source.train_size(), "train images"
-        else:
-            n, how = len(source.load().train_labels), "train images (loaded: its source does not count them)"
-        held = val_count(cfg.data.get("val_size", 0), n)
-    except (ValueError, OSError) as e:
-        raise PreviewError(f"{_one_line(e)}; {hint}") from None
-    what = f"{source.name}: {n} {how}"
-    return (n - held, f"{what} - {held} held out for validation") if held else (n, what)
 
 
 # --------------------------------------------------------------------------------------
@@ -226,7 +182,7 @@ def preview(overrides: list[str], steps_per_epoch_arg: int | None = None) -> Sch
     except PreviewError:
         raise
     except (ValueError, FileNotFoundError, OmegaConfBaseException) as e:
-        raise PreviewError(_one_line(e)) from e
+        raise PreviewError(one_line(e)) from e
     unit = spe if cfg.schedule.interval == "epoch" else 1
     total = cfg.trainer.epochs * spe
     starts = [(s * unit, d) for s, d in phase_starts(scheduler) if 0 <= s * unit <= total]

@@ -75,7 +75,7 @@ def build_logger(cfg: DictConfig, run_dir: Path, optimizer, runs: dict | None = 
         return None
     import hydra
 
-    from imgcls.config import config_errors
+    from imgcls.exits import config_errors
     from imgcls.loggers import open_logger
 
     with config_errors("logger"):

@@ -19,7 +19,8 @@ def final_test(run) -> dict:
     import copy
 
     from imgcls.averaging import averaged_weights
-    from imgcls.checkpoint import best_path, load_checkpoint, unwrap_model
+    from imgcls.checkpoint import best_path, load_checkpoint
+    from imgcls.distributed import unwrap_model
     from imgcls.evaluate import evaluate_split
 
     state, data, precision = run.state, run.data, run.extras.precision

@@ -28,25 +28,10 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from imgcls.exits import EXIT_WRITE_FAULT
+from imgcls.exits import EXIT_WRITE_FAULT, JobFailed
 from imgcls.io import WriteFault, write_text_atomic
 
 FAILED_JOBS = 0  # failed jobs of the multirun in this process, once its table is printed (train.py exits 1)
-
-
-class JobFailed:
-    """What train.py's main returns for a multirun job it refused: the exit code the job would
-    have had alone and its one-line error (already printed). Picklable (joblib workers). Not a
-    number: an Optuna sweeper records the trial as failed and goes on."""
-
-    def __init__(self, code: int, message: str):
-        self.code, self.message = code, message
-
-    def __str__(self) -> str:
-        return f"{self.message} (exit code {self.code})"
-
-    def __float__(self) -> float:
-        raise TypeError(f"the job failed: {self}")
 
 
 COLUMNS = (

@@ -156,11 +156,12 @@ def build_recipe(*overrides: str):
     process exactly as train.recipe builds them (one process, no run directory)."""
     import train
     from imgcls import distributed
-    from imgcls.config import compose_config, pick_device, validate_config
+    from imgcls.config import compose_config, validate_config
+    from imgcls.device import pick_device
 
     cfg = compose_config(list(overrides))[0]
     validate_config(cfg)
-    device = pick_device(cfg)
+    device = pick_device(cfg.trainer.device)
     data = train.load_data(cfg, device, distributed.Dist())
     model = train.build_model(cfg, data.num_classes, device, data.info["size"])
     optimizer = train.build_optimizer(cfg, model, device)

@@ -18,8 +18,8 @@ from imgcls.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
-    unwrap_model,
 )
+from imgcls.distributed import unwrap_model
 
 
 def _leftover_tmp(directory):

@@ -15,7 +15,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
-from imgcls.config import SchedulerStepper, compose_config, config_changes, validate_config
+from imgcls.checkpoint import config_changes
+from imgcls.config import compose_config, validate_config
+from imgcls.schedule import SchedulerStepper
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 OPTIONS = sorted((str(p.parent.relative_to(CONF)), p.stem) for p in CONF.rglob("*.yaml") if p.parent != CONF)
@@ -154,7 +156,7 @@ def test_every_scheduler_fits_every_experiment(experiment, scheduler):
     """Each shipped schedule *fits* each shipped preset (train.py's own misfit check on the
     schedule built for the preset's run, steps per epoch counted from its data config), not
     only builds: a smoke sweep over schedules fails no job (conf/experiment_scheduler/)."""
-    from imgcls.config import fill_steps_per_epoch, schedule_misfits
+    from imgcls.schedule import fill_steps_per_epoch, schedule_misfits
 
     cfg, _ = compose_config([f"experiment={experiment}", f"scheduler={scheduler}"])
     validate_config(cfg)

@@ -20,7 +20,8 @@ from hydra.utils import instantiate
 
 import train
 from imgcls import distributed
-from imgcls.config import compose_config, device_switch, fused_argument
+from imgcls.config import compose_config
+from imgcls.device import device_switch, fused_argument
 from imgcls.evaluate import evaluate_split
 from tests.conftest import build_recipe, metrics, run_train, run_until_sigterm
 

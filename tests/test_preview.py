@@ -19,6 +19,7 @@ from omegaconf import open_dict
 
 from imgcls import preview
 from imgcls.config import CONF_DIR
+from imgcls.schedule import steps_per_epoch
 from tests.conftest import ROOT, run_recipe
 
 ROW = re.compile(r"^\s*(\d+)\s+(\d+\.\d\d)\s+(\S+)\s*(.*)$")
@@ -105,7 +106,7 @@ def test_plateau_is_fed_a_synthetic_loss_and_says_so(capsys):
 # --------------------------------------------------------------------------------------
 def steps(*overrides: str) -> int:
     cfg, _ = preview.compose_config(list(overrides))
-    return preview.steps_per_epoch(cfg)[0]
+    return steps_per_epoch(cfg)[0]
 
 
 def test_steps_per_epoch_from_the_data_config(tmp_path):
@@ -156,22 +157,20 @@ def test_a_new_data_option_counts_or_is_loaded(monkeypatch):
     def tiny_steps(**keys) -> int:
         with open_dict(cfg):
             cfg.data.dataset = {"_target_": "imgcls.data.tiny", **keys}
-        return preview.steps_per_epoch(cfg)[0]
+        return steps_per_epoch(cfg)[0]
 
     assert tiny_steps() == 300 // 64 and loads == []  # counted, not read
     assert tiny_steps(n=200, counts=False) == 200 // 64 and loads == [200]
 
 
 def test_steps_per_epoch_errors(tmp_path):
-    with pytest.raises(preview.PreviewError, match=r"trainer.batch_size: 1024 is larger than the 512"):
+    with pytest.raises(ValueError, match=r"trainer.batch_size: 1024 is larger than the 512"):
         steps("data=synthetic", "trainer.batch_size=1024")
-    with pytest.raises(preview.PreviewError, match=r"data.dataset.path: \?\?\?.*--steps-per-epoch"):
+    with pytest.raises(ValueError, match=r"data.dataset.path: \?\?\?.*--steps-per-epoch"):
         steps("data=image_folder")
     archive = tmp_path / "images.tar.gz"
     archive.write_bytes(b"")
-    with pytest.raises(
-        preview.PreviewError, match=r"data.dataset.path: .*images.tar.gz is not a readable archive.*--steps"
-    ):
+    with pytest.raises(ValueError, match=r"data.dataset.path: .*images.tar.gz is not a readable archive.*--steps"):
         steps("data=image_folder", f"data.dataset.path={archive}")
 
 
