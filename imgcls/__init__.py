@@ -1,1 +1,27 @@
-"""Parts that train.py composes: data, models, checkpointing."""
+"""What train.py composes: data, models, the schedule, checkpoints, loggers, evaluate/predict.
+
+Layers. Each module imports only modules of the layers below its own (never its own layer,
+never one above), so the imports form no cycle; ``tests/test_layers.py`` reads every import
+(top level and inside functions) and fails on a cycle or an upward import. train.py sits on top.
+
+Import policy. The modules ``train.py`` imports at start-up (its top-level imports and theirs:
+config, schema, schedule, device, exits, distributed, runlock, reporting, results, ...) import
+torch, numpy, PIL, torchvision and matplotlib only inside the functions that use them, so
+``train.py --help``, ``--cfg job`` and a refused command line answer without loading torch.
+Every other module imports torch and the project's modules at the top; optional packages
+(timm, wandb, mlflow, tensorboard, matplotlib, huggingface_hub) and torchvision are imported
+where they are used, so a run that does not use them does not pay for them.
+"""
+
+# Bottom to top (tests/test_layers.py checks every import against this table).
+LAYERS = (
+    ("io", "schema", "splits", "precision", "models", "distributed", "device"),  # no project imports
+    ("runlock",),  # the run directory's lock
+    ("exits",),  # exit codes, one-line errors, the stop request
+    ("data", "averaging", "sweep"),  # datasets and the device loader; EMA/SWA; the sweep summary
+    ("schedule",),  # schedule lengths, steps per epoch, when the scheduler steps
+    ("config",),  # composition, its messages, validation
+    ("checkpoint", "loggers", "preview"),  # checkpoints and resume; metric trackers; the schedule preview
+    ("evaluate", "reporting"),  # scoring a model or checkpoint; what a run prints and logs
+    ("results", "predict"),  # the final test and results.json; predictions for new images
+)

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from imgcls import distributed
 from imgcls.config import flatten_config
-from imgcls.io import WriteFault, free_bytes, fsync_dir, human_bytes, torch_save
+from imgcls.io import WriteFault, free_bytes, fsync_dir, human_bytes, torch_save, truncate_jsonl
 
 __all__ = [
     "CheckpointError",
@@ -441,8 +441,6 @@ def set_aside_unreadable(last: Path, resumed_from: Path, dist) -> None:
 def trim_metrics(path: Path, step: int) -> None:
     """Drop metrics lines written after the checkpoint (a run killed between checkpoints), and a
     torn last line (a kill or a full disk in mid-write)."""
-    from imgcls.io import truncate_jsonl
-
     torn = truncate_jsonl(path, lambda record: record["step"] <= step, what="metrics")
     if torn is not None:
         print(f"{path}: dropped its torn last line {torn!r} (a kill or a full disk in mid-write)", flush=True)

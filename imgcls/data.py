@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from imgcls.exits import config_errors
 from imgcls.io import WriteFault, free_bytes, human_bytes, is_write_fault, torch_save
 
 log = logging.getLogger(__name__)
@@ -786,8 +787,6 @@ def dataset_source(data) -> DataSource:
     """The DataSource a run's ``data`` config names (``data.dataset``: a ``_target_`` and its own
     keys): train.py, the preview, evaluate and the tests build it here."""
     import hydra
-
-    from imgcls.exits import config_errors
 
     with config_errors("data.dataset"):
         source = hydra.utils.instantiate(data.dataset, _convert_="all")

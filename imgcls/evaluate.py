@@ -31,9 +31,13 @@ from pathlib import Path
 
 import torch
 
+from imgcls.averaging import averaged_weights
 from imgcls.checkpoint import CheckpointError, load_checkpoint
+from imgcls.data import DeviceLoader, load_configured
 from imgcls.device import pick_device
 from imgcls.exits import EXIT_BAD_INPUT, interrupted
+from imgcls.precision import autocast, resolve_precision
+from imgcls.splits import val_indices
 
 MODEL_PREFIX = "imgcls.models."  # the only model builders a checkpoint may name
 DATA_PREFIX = "imgcls.data."  # the only data builders a checkpoint may name
@@ -46,8 +50,6 @@ def run_eval(net, batches, device, precision: str, tta_flip: bool, num_classes: 
     """Loss and accuracy of ``net`` over ``batches`` (an iterable of (x, y)), summed on the device
     and read once. ``num_classes``: also the confusion matrix (rows: true class, columns:
     predicted), an int64 tensor. Flip TTA averages the logits of each image and its mirror."""
-    from imgcls.precision import autocast
-
     net.eval()
     loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -105,8 +107,6 @@ def load_model(path: Path, device: torch.device, weights: str = "auto"):
     """(model on device in eval mode, checkpoint dict, saved config, which weights) of a checkpoint."""
     import hydra
     from omegaconf import OmegaConf
-
-    from imgcls.averaging import averaged_weights
 
     ckpt = load_checkpoint(path)
     for key in ("model", "config"):
@@ -232,9 +232,6 @@ def load_split(cfg, data_overrides: dict, split: str):
     """(images uint8 [N,3,H,W], labels, class names) of the run's data with ``data.*`` overrides."""
     from omegaconf import OmegaConf, open_dict
 
-    from imgcls.data import load_configured
-    from imgcls.splits import val_indices
-
     d = cfg.data
     target = str(OmegaConf.select(d, "dataset._target_", default=""))
     if not target.startswith(DATA_PREFIX):
@@ -259,9 +256,6 @@ def load_split(cfg, data_overrides: dict, split: str):
 
 def evaluate_checkpoint(args: dict) -> dict:
     from omegaconf import OmegaConf
-
-    from imgcls.data import DeviceLoader
-    from imgcls.precision import resolve_precision
 
     split = args["split"]
     if split not in ("test", "val"):

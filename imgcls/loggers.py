@@ -20,6 +20,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from imgcls.config import flatten_config
+from imgcls.io import is_write_fault
+
 # Record key -> the name a logger shows (TensorBoard tag, W&B key, MLflow metric); lr/group_N too.
 TAGS = {
     "train_loss": "loss/train",
@@ -136,8 +139,6 @@ def _quiet_writer_thread_faults() -> None:
     which prints its traceback, and the same OSError comes back at the next add_scalar / close in
     the training thread, where train.py reports it in one line (exit 4). Keep only that line."""
     import threading
-
-    from imgcls.io import is_write_fault
 
     if getattr(threading.excepthook, "_imgcls_quiet", False):
         return
@@ -300,8 +301,6 @@ class MLflowLogger:
         exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment, artifact_location=artifacts)
         params = {}
         if config is not None:
-            from imgcls.config import flatten_config
-
             params = {k: str(v)[: self.PARAM_CHARS] for k, v in flatten_config(config).items()}
         run = None
         if runs.get("mlflow"):

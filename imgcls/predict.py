@@ -35,6 +35,7 @@ from imgcls.evaluate import (
     wants_help,
 )
 from imgcls.exits import EXIT_BAD_INPUT, interrupted
+from imgcls.precision import autocast, resolve_precision
 
 
 def list_images(spec) -> list[Path]:
@@ -66,8 +67,6 @@ def list_images(spec) -> list[Path]:
 
 def predict(args: dict) -> dict:
     from PIL import Image
-
-    from imgcls.precision import autocast, resolve_precision
 
     device = pick_device(args["device"], key="device")
     path = resolve_checkpoint(args["checkpoint"])

@@ -41,6 +41,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, open_dict
 
+from imgcls.config import compose_config, validate_config
 from imgcls.exits import EXIT_BAD_INPUT, config_errors, one_line
 from imgcls.schedule import SchedulerStepper, check_schedule_fits, steps_per_epoch
 
@@ -56,22 +57,9 @@ class PreviewError(ValueError):
 # --------------------------------------------------------------------------------------
 # config
 # --------------------------------------------------------------------------------------
-def compose_config(overrides: list[str]) -> tuple[DictConfig, dict]:
-    """The config train.py would get for ``overrides`` (imgcls.config's composition)."""
-    from imgcls.config import ConfigError
-    from imgcls.config import compose_config as compose
-
-    try:
-        return compose(overrides)
-    except ConfigError as e:
-        raise PreviewError(str(e)) from e
-
-
 def check_config(cfg: DictConfig) -> None:
     """train.py's start-up validation (the device and the run directory are not checked:
     a cuda preset previews on a CPU)."""
-    from imgcls.config import validate_config
-
     probe = copy.deepcopy(cfg)
     with open_dict(probe):
         probe.resume = "never"
@@ -172,8 +160,8 @@ def preview(overrides: list[str], steps_per_epoch_arg: int | None = None) -> Sch
     """Compose, check and step the schedule of ``overrides`` (PreviewError if refused)."""
     from omegaconf.errors import OmegaConfBaseException
 
-    cfg, choices = compose_config(overrides)
     try:
+        cfg, choices = compose_config(overrides)  # a ConfigError is one line already
         check_config(cfg)
         spe, source = steps_per_epoch(cfg, steps_per_epoch_arg)
         with open_dict(cfg):

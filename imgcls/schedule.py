@@ -22,7 +22,6 @@ import sys
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from imgcls.exits import one_line
-from imgcls.splits import val_count
 
 INTERVALS = ("step", "epoch")
 
@@ -199,7 +198,8 @@ def train_set_size(cfg: DictConfig) -> tuple[int, str]:
     """The number of training images the data config names, counted by its DataSource without
     reading them (a source that cannot count is loaded), less the validation split
     (data.val_size) that train.py holds out of them."""
-    from imgcls.data import dataset_source  # lazily: torch, for the --help/--cfg path (see imgcls/__init__)
+    from imgcls.data import dataset_source  # torch: imported here, not at start-up (imgcls/__init__.py)
+    from imgcls.splits import val_count
 
     hint = "or pass --steps-per-epoch N (N = training images // trainer.batch_size)"
     missing = sorted(OmegaConf.missing_keys(cfg.data.dataset))

@@ -25,6 +25,7 @@ SHARED_JPG = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 TIERS = {
     "unit": (
         "test_sequential",
+        "test_layers",
         "test_sequential_properties",
         "test_checkpoint",
         "test_conf",

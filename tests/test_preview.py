@@ -18,7 +18,7 @@ import pytest
 from omegaconf import open_dict
 
 from imgcls import preview
-from imgcls.config import CONF_DIR
+from imgcls.config import CONF_DIR, compose_config
 from imgcls.schedule import steps_per_epoch
 from tests.conftest import ROOT, run_recipe
 
@@ -105,7 +105,7 @@ def test_plateau_is_fed_a_synthetic_loss_and_says_so(capsys):
 # steps per epoch from the data config
 # --------------------------------------------------------------------------------------
 def steps(*overrides: str) -> int:
-    cfg, _ = preview.compose_config(list(overrides))
+    cfg, _ = compose_config(list(overrides))
     return steps_per_epoch(cfg)[0]
 
 
@@ -152,7 +152,7 @@ def test_a_new_data_option_counts_or_is_loaded(monkeypatch):
         return D.DataSource("tiny", load, train_size=(lambda: n) if counts else None)
 
     monkeypatch.setattr(D, "tiny", tiny, raising=False)
-    cfg, _ = preview.compose_config(["data=synthetic", "trainer.batch_size=64"])
+    cfg, _ = compose_config(["data=synthetic", "trainer.batch_size=64"])
 
     def tiny_steps(**keys) -> int:
         with open_dict(cfg):
