@@ -281,6 +281,7 @@ class Loop:
     def __init__(self, run: Run):
         import torch
 
+        from imgcls.loss import training_loss
         from imgcls.schedule import SchedulerStepper
 
         self.run, self.cfg, self.t, self.run_dir, self.data = run, run.cfg, run.cfg.trainer, run.run_dir, run.data
@@ -292,7 +293,7 @@ class Loop:
         # "best": the EMA weights' accuracy when EMA is on (they are the weights reported), else the raw ones'
         self.monitor = f"ema_{self.split}_acc" if self.averaging.ema is not None else f"{self.split}_acc"
         self.improved = False  # the epoch's evaluation beat the best so far (best.pt is due)
-        self.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=self.t.label_smoothing)
+        self.loss_fn = training_loss(self.t)  # imgcls/loss.py: the one loss definition
         self.settings = StepSettings(self.precision, run.extras.scaler, self.t.grad_clip_norm, self.t.skip_nonfinite)
         self.net = distributed.wrap(run.model, self.dist, self.device)  # DDP under torchrun
         self.net = torch.compile(self.net) if self.t.compile else self.net

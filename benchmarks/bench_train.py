@@ -316,6 +316,7 @@ def bench_model(
     from imgcls.checkpoint import save_checkpoint
     from imgcls.distributed import unwrap_model
     from imgcls.evaluate import evaluate_split
+    from imgcls.loss import training_loss
 
     overrides = [*compose_overrides, f"model={name}"] + ([f"model.width={s['width']}"] if name == "resnet9" else [])
     cfg = compose(overrides)
@@ -325,7 +326,7 @@ def bench_model(
     model, optimizer, scheduler, fwd_flops = build(cfg, device)
     bf16 = device.type == "cuda"  # trainer.precision=auto
     settings = recipe.StepSettings("bf16" if bf16 else "fp32")
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.trainer.label_smoothing)
+    loss_fn = training_loss(cfg.trainer)
     net = torch.compile(model) if s["compile"] else model
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
     batches = endless_batches(train_loader)

@@ -15,7 +15,7 @@ where they are used, so a run that does not use them does not pay for them.
 
 # Bottom to top (tests/test_layers.py checks every import against this table).
 LAYERS = (
-    ("io", "schema", "splits", "precision", "models", "distributed", "device"),  # no project imports
+    ("io", "schema", "splits", "precision", "models", "loss", "distributed", "device"),  # no project imports
     ("runlock",),  # the run directory's lock
     ("exits",),  # exit codes, one-line errors, the stop request
     ("data", "averaging", "sweep"),  # datasets and the device loader; EMA/SWA; the sweep summary

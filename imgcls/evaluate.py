@@ -36,6 +36,7 @@ from imgcls.checkpoint import CheckpointError, load_checkpoint
 from imgcls.data import DeviceLoader, load_configured
 from imgcls.device import pick_device
 from imgcls.exits import EXIT_BAD_INPUT, interrupted
+from imgcls.loss import classification_loss
 from imgcls.precision import autocast, resolve_precision
 from imgcls.splits import val_indices
 
@@ -60,7 +61,7 @@ def run_eval(net, batches, device, precision: str, tta_flip: bool, num_classes: 
             logits = net(x).float()
             if tta_flip:
                 logits = (logits + net(x.flip(-1)).float()) / 2
-            loss += torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+            loss += classification_loss(logits, y, reduction="sum")  # unsmoothed: imgcls/loss.py
             pred = logits.argmax(1)
             correct += (pred == y).sum()
             if num_classes:

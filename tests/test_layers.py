@@ -129,3 +129,14 @@ def test_other_modules_import_the_project_at_the_top():
         for name in sorted(project(imported(node)))
     ]
     assert not inner, "; ".join(inner) + " (only start-up modules import lazily: imgcls/__init__.py)"
+
+
+def test_one_loss_definition():
+    """Training, evaluation and the benchmarks take their loss from imgcls/loss.py only."""
+    sources = [ROOT / "train.py", *PACKAGE.glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]
+    elsewhere = [
+        str(p.relative_to(ROOT))
+        for p in sources
+        if p.name != "loss.py" and ("cross_entropy" in p.read_text() or "CrossEntropyLoss" in p.read_text())
+    ]
+    assert not elsewhere, f"a loss defined outside imgcls/loss.py: {elsewhere}"
