@@ -24,30 +24,14 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 from imgcls.distributed import unwrap_model
 
 
-def check_averaging(ema_decay, swa_start) -> None:
-    """ValueError naming the key for a value outside what is accepted."""
-    if ema_decay is not None and (
-        isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)) or not 0.0 < ema_decay < 1.0
-    ):
-        raise ValueError(
-            f"trainer.ema_decay: {ema_decay!r} is not accepted; expected null (off) or a number in (0, 1), e.g. 0.999"
-        )
-    if swa_start is not None and (
-        isinstance(swa_start, bool) or not isinstance(swa_start, (int, float)) or not 0.0 <= swa_start < 1.0
-    ):
-        raise ValueError(
-            f"trainer.swa_start: {swa_start!r} is not accepted; expected null (off) or the "
-            f"fraction of the run after which SWA averages, in [0, 1), e.g. 0.75"
-        )
-
-
 class Averaging:
     """The EMA and/or SWA copies of ``model`` (each None when off)."""
 
     def __init__(
         self, model: torch.nn.Module, epochs: int, ema_decay: float | None = None, swa_start: float | None = None
     ):
-        check_averaging(ema_decay, swa_start)
+        assert ema_decay is None or 0.0 < ema_decay < 1.0, ema_decay  # validated by imgcls.config
+        assert swa_start is None or 0.0 <= swa_start < 1.0, swa_start
         base = unwrap_model(model)
         self.ema = None
         self.swa = None

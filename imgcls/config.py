@@ -383,6 +383,23 @@ def _targets(node) -> list[str]:
     return []
 
 
+def check_averaging(ema_decay, swa_start) -> None:
+    """ValueError naming the key for a value outside what is accepted."""
+    if ema_decay is not None and (
+        isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)) or not 0.0 < ema_decay < 1.0
+    ):
+        raise ValueError(
+            f"trainer.ema_decay: {ema_decay!r} is not accepted; expected null (off) or a number in (0, 1), e.g. 0.999"
+        )
+    if swa_start is not None and (
+        isinstance(swa_start, bool) or not isinstance(swa_start, (int, float)) or not 0.0 <= swa_start < 1.0
+    ):
+        raise ValueError(
+            f"trainer.swa_start: {swa_start!r} is not accepted; expected null (off) or the "
+            f"fraction of the run after which SWA averages, in [0, 1), e.g. 0.75"
+        )
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Check the composed config: what its schema cannot express (ranges, choices, how the
     parts fit together). Touches no file and no device: see pick_device and check_writable."""
@@ -419,7 +436,6 @@ def validate_config(cfg: DictConfig) -> None:
     for key in SWITCHES:
         _switch(cfg, key)
     _one_of(cfg, "schedule.interval", INTERVALS)
-    from imgcls.averaging import check_averaging
     from imgcls.precision import check_clip
     from imgcls.splits import val_count
 

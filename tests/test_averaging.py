@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 
-from imgcls.averaging import Averaging, averaged_weights, check_averaging
+from imgcls.averaging import Averaging, averaged_weights
+from imgcls.config import check_averaging
 
 
 def _net():
