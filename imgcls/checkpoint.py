@@ -25,7 +25,9 @@ import random
 import re
 import shutil
 import tempfile
+import uuid
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -320,21 +322,57 @@ class State:
                 setattr(self, k, d[k])
 
 
+@dataclass
 class Extras:
-    """What a checkpoint holds besides the model, optimizer, scheduler and counters: the fp16
-    grad scaler (imgcls/precision.py), the EMA/SWA weights (imgcls/averaging.py), and the data
-    info imgcls.evaluate / imgcls.predict need (classes, mean, std, image size)."""
+    """The run's parts a checkpoint holds besides the model, optimizer, scheduler and counters:
+    the fp16 grad scaler (imgcls/precision.py), the EMA/SWA weights (imgcls/averaging.py), and
+    the data info imgcls.evaluate / imgcls.predict need (classes, mean, std, image size)."""
 
-    def __init__(self, precision: str, scaler, averaging, info: dict):
-        self.precision, self.scaler, self.averaging, self.info = precision, scaler, averaging, info
+    precision: str  # fp32 | bf16 | fp16
+    scaler: object  # torch.amp.GradScaler (disabled unless fp16)
+    averaging: object  # imgcls.averaging.Averaging
+    info: dict
 
-    def state_dict(self) -> dict:
-        return {"scaler": self.scaler.state_dict(), "averaging": self.averaging.state_dict(), "data_info": self.info}
 
-    def load_state_dict(self, ckpt: dict, path) -> None:
-        if self.scaler.is_enabled() and ckpt.get("scaler"):  # an fp32/bf16 checkpoint has no scale
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.averaging.load_state_dict(ckpt.get("averaging") or {}, path)
+# --------------------------------------------------------------------------------------
+# What a checkpoint holds: ONE definition. `contents` writes each entry and `restore` reads it
+# back, side by side; a new entry is one line in each (tests/test_checkpoint.py pins the keys).
+# --------------------------------------------------------------------------------------
+def contents(run) -> dict:
+    """The checkpoint of ``run`` (train.py's Run) as one dict that torch.load(weights_only=True) reads."""
+    ckpt = {
+        "model": distributed.unwrap_model(run.model).state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "state": run.state.to_dict(),  # the counters (State)
+        "rng": rng_state(),
+        "config": OmegaConf.to_container(run.cfg, resolve=True),
+        "config_unresolved": OmegaConf.to_container(run.cfg, resolve=False),
+    }
+    if run.extras is not None:
+        ckpt["scaler"] = run.extras.scaler.state_dict()
+        ckpt["averaging"] = run.extras.averaging.state_dict()
+        ckpt["data_info"] = run.extras.info  # read by imgcls.evaluate / imgcls.predict, not restored
+    return ckpt
+
+
+def restore(run, ckpt: dict, path) -> State:
+    """Load ``ckpt`` (from ``path``) into ``run``'s parts; returns its counters. The config entries
+    are checked before (check_resume_config), not restored: the run's own config is used."""
+    try:
+        run.model.load_state_dict(ckpt["model"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.scheduler.load_state_dict(ckpt["scheduler"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise ValueError(f"resume: checkpoint {path} does not fit this model/optimizer/scheduler: {e}") from e
+    if run.extras is not None:
+        if run.extras.scaler.is_enabled() and ckpt.get("scaler"):  # an fp32/bf16 checkpoint has no scale
+            run.extras.scaler.load_state_dict(ckpt["scaler"])
+        run.extras.averaging.load_state_dict(ckpt.get("averaging") or {}, path)
+    set_rng_state(ckpt["rng"])
+    state = State()
+    state.load(ckpt["state"])
+    return state
 
 
 def checkpoint_path(run_dir: Path) -> Path:
@@ -348,35 +386,24 @@ def best_path(run_dir: Path) -> Path:
 def resume(run) -> State:
     """The run's counters, from its checkpoint (resume=auto: the run directory's, falling back to
     a backup; resume=PATH) into ``run``'s model, optimizer and scheduler; a fresh State when there
-    is none. ``run``: train.py's Run (cfg, run_dir, model, optimizer, scheduler, dist, extras:
-    what else the checkpoint restores, the grad scaler and the averaged weights, with
-    ``load_state_dict(ckpt, path)``)."""
+    is none. ``run``: train.py's Run (cfg, run_dir, model, optimizer, scheduler, dist, extras);
+    what is restored: ``restore``."""
 
     cfg, run_dir, dist, scheduler = run.cfg, run.run_dir, run.dist, run.scheduler
-    state = State()
     metrics = run_dir / "metrics.jsonl"
     if cfg.resume == "never":
-        return fresh_start(metrics, dist, state)
+        return fresh_start(metrics, dist)
     if cfg.resume == "auto":
         found = find_resumable(checkpoint_path(run_dir), cfg.trainer.keep_checkpoints)
         if found is None:
-            return fresh_start(metrics, dist, state)
+            return fresh_start(metrics, dist)
         ckpt, path = found
         set_aside_unreadable(checkpoint_path(run_dir), path, dist)
     else:
         path = Path(cfg.resume).expanduser()
         ckpt, path = newer_in_run_dir(cfg, run_dir, load_checkpoint(path), path, dist)
     check_resume_config(ckpt, cfg, path)
-    try:
-        run.model.load_state_dict(ckpt["model"])
-        run.optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-    except (KeyError, RuntimeError, ValueError) as e:
-        raise ValueError(f"resume: checkpoint {path} does not fit this model/optimizer/scheduler: {e}") from e
-    if run.extras is not None:
-        run.extras.load_state_dict(ckpt, path)
-    set_rng_state(ckpt["rng"])
-    state.load(ckpt["state"])
+    state = restore(run, ckpt, path)
     if state.epoch < cfg.trainer.epochs and all(float(lr) == 0.0 for lr in scheduler.get_last_lr()):
         # refused before any file changes (a refused start leaves the run directory as it was)
         said = (
@@ -395,14 +422,12 @@ def resume(run) -> State:
     return state
 
 
-def fresh_start(metrics: Path, dist, state: State | None = None) -> State:
+def fresh_start(metrics: Path, dist) -> State:
     """Starting from step 0: drop what a run killed before its first checkpoint logged; a new
     run id (the same on every rank)."""
-    import uuid
-
     if dist.is_main:
         trim_metrics(metrics, 0)
-    state = state if state is not None else State()
+    state = State()
     state.run_id = distributed.broadcast(uuid.uuid4().hex, dist)
     return state
 
@@ -467,16 +492,7 @@ class CheckpointWriteError(WriteFault):
 
 def _save(run, last: bool, best: bool) -> None:
     cfg = run.cfg
-    ckpt = {
-        "model": distributed.unwrap_model(run.model).state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
-        "state": run.state.to_dict(),
-        "rng": rng_state(),
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "config_unresolved": OmegaConf.to_container(cfg, resolve=False),
-        **(run.extras.state_dict() if run.extras is not None else {}),
-    }
+    ckpt = contents(run)
     if last:
         save_checkpoint(ckpt, checkpoint_path(run.run_dir), keep=cfg.trainer.keep_checkpoints)
     if best:

@@ -4,6 +4,7 @@ import errno
 import os
 import pickle
 import random
+import re
 
 import pytest
 import torch
@@ -330,3 +331,29 @@ def test_unwrap_compiled_and_data_parallel():
     assert not any("_orig_mod" in k for k in unwrap_model(compiled).state_dict())
     assert unwrap_model(torch.compile(nn.DataParallel(model))) is model
     assert unwrap_model(model) is model
+
+
+def test_what_a_checkpoint_holds_is_written_and_read_in_one_place(tmp_path):
+    """checkpoint.contents writes every entry a checkpoint has, checkpoint.restore reads back
+    every entry but the ones only other tools read (the config: checked, data_info: evaluate)."""
+    import inspect
+
+    import train
+    from imgcls import checkpoint
+    from imgcls.checkpoint import State, contents, restore
+    from tests.conftest import build_recipe
+
+    cfg, device, data, model, optimizer, scheduler = build_recipe("experiment=smoke", "trainer.ema_decay=0.9")
+    extras = train.build_extras(cfg, model, device, data)
+    run = train.Run(cfg, tmp_path, device, None, data, model, optimizer, scheduler, extras)
+    run.state = State()
+    run.state.step = 5
+    ckpt = contents(run)
+    written = {"model", "optimizer", "scheduler", "state", "rng", "config", "config_unresolved"}
+    assert set(ckpt) == written | {"scaler", "averaging", "data_info"}
+    read = set(re.findall(r'ckpt(?:\.get\()?\[?"(\w+)"', inspect.getsource(restore)))
+    assert read == set(ckpt) - {"config", "config_unresolved", "data_info"}
+    assert "ckpt = contents(run)" in inspect.getsource(checkpoint._save)  # the writer uses it
+    torch.save(ckpt, tmp_path / "c.pt")
+    again = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert restore(run, again, tmp_path / "c.pt").step == 5
