@@ -158,35 +158,38 @@ class Data:
 def load_data(cfg: DictConfig, device, dist) -> Data:
     import torch
 
-    from imgcls.data import DeviceLoader, describe, load_configured
+    from imgcls.data import describe, load_configured
+    from imgcls.loader import Augment, BatchFormat, DeviceLoader
+    from imgcls.schedule import batches_per_epoch
     from imgcls.splits import balanced_order, val_indices
 
     d, t = cfg.data, cfg.trainer
     ds = load_configured(d)
     keep, held = val_indices(ds.train_labels, d.get("val_size", 0))  # stratified, from a fixed seed
     train_images, train_labels = ds.train_images[keep], ds.train_labels[keep]
-    if t.batch_size > len(train_labels):
-        raise ValueError(
-            f"trainer.batch_size: {t.batch_size} is larger than the {len(train_labels)} training "
-            f"images; use at most {len(train_labels)}"
-        )
+    steps = batches_per_epoch(len(train_labels), t.batch_size, t.limit_train_batches)  # refuses a batch > the data
     if t.batch_size % dist.world:
         raise ValueError(f"trainer.batch_size: {t.batch_size} is not divisible by the {dist.world} ranks")
+    side = min(ds.train_images.shape[-2:])
+    if d.crop_padding >= side:
+        raise ValueError(
+            f"data.crop_padding: {d.crop_padding} is not accepted for {side}-px images; expected an int in "
+            f"[0, {side - 1}] (the reflect padding must be smaller than the image)"
+        )
     channels_last = device_switch(t.channels_last, device)  # NHWC feeds the tensor cores without transposes
-    common = dict(device=device, mean=ds.mean, std=ds.std, channels_last=channels_last, dtype=torch.float32)
-    shard = dict(seed=t.seed, rank=dist.rank, world=dist.world)  # batch_size is global: rank r takes r::N
-    augment = dict(crop_padding=d.crop_padding, flip=d.flip, alternating_flip=d.alternating_flip)
-    train = DeviceLoader(train_images, train_labels, t.batch_size, train=True, **shard, **augment, **common)
+    fmt = BatchFormat(ds.mean, ds.std, channels_last, torch.float32)
+    augment = Augment(t.seed, d.crop_padding, d.flip, d.alternating_flip)
+    # batch_size is global: under torchrun rank r takes images r::N of each batch
+    train = DeviceLoader(train_images, train_labels, t.batch_size, device, fmt, augment, shard=(dist.rank, dist.world))
 
     def eval_loader(images, labels):
         if t.limit_eval_batches:  # a fixed, class-balanced subset (an image folder is sorted by class)
             pick = balanced_order(labels)[: t.limit_eval_batches * t.eval_batch_size]
             images, labels = images[pick], labels[pick]
-        return DeviceLoader(images, labels, t.eval_batch_size, train=False, drop_last=False, **common)
+        return DeviceLoader(images, labels, t.eval_batch_size, device, fmt)  # in order, no augmentation
 
     val = eval_loader(ds.train_images[held], ds.train_labels[held]) if len(held) else None
     test = eval_loader(ds.test_images, ds.test_labels)
-    steps = min(len(train), t.limit_train_batches or len(train))
     with open_dict(cfg):
         cfg.schedule.steps_per_epoch = steps
         cfg.data.num_classes = len(ds.classes)  # the model's output size (evaluate reads it)

@@ -235,22 +235,13 @@ def compose(overrides: list[str]):
 # --------------------------------------------------------------------------------------
 def make_loaders(cfg, ds, device: torch.device, batch: int, eval_batch: int):
     """Train and test DeviceLoaders as train.load_data makes them (dataset moved to device)."""
-    from imgcls.data import DeviceLoader
+    from imgcls.loader import Augment, BatchFormat, DeviceLoader
 
     d = cfg.data
-    common = dict(device=device, mean=ds.mean, std=ds.std, channels_last=device.type == "cuda", dtype=torch.float32)
-    train = DeviceLoader(
-        ds.train_images,
-        ds.train_labels,
-        batch,
-        train=True,
-        seed=cfg.trainer.seed,
-        crop_padding=d.crop_padding,
-        flip=d.flip,
-        alternating_flip=d.alternating_flip,
-        **common,
-    )
-    test = DeviceLoader(ds.test_images, ds.test_labels, eval_batch, train=False, drop_last=False, **common)
+    fmt = BatchFormat(ds.mean, ds.std, channels_last=device.type == "cuda")
+    augment = Augment(cfg.trainer.seed, d.crop_padding, d.flip, d.alternating_flip)
+    train = DeviceLoader(ds.train_images, ds.train_labels, batch, device, fmt, augment)
+    test = DeviceLoader(ds.test_images, ds.test_labels, eval_batch, device, fmt)
     return train, test
 
 

@@ -18,7 +18,7 @@ LAYERS = (
     ("io", "schema", "splits", "precision", "models", "loss", "distributed", "device"),  # no project imports
     ("runlock",),  # the run directory's lock
     ("exits",),  # exit codes, one-line errors, the stop request
-    ("data", "averaging", "sweep"),  # datasets and the device loader; EMA/SWA; the sweep summary
+    ("data", "loader", "averaging", "sweep"),  # datasets; the device loader; EMA/SWA; the sweep summary
     ("schedule",),  # schedule lengths, steps per epoch, when the scheduler steps
     ("config",),  # composition, its messages, validation
     ("checkpoint", "loggers", "preview"),  # checkpoints and resume; metric trackers; the schedule preview

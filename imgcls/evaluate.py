@@ -33,9 +33,10 @@ import torch
 
 from imgcls.averaging import averaged_weights
 from imgcls.checkpoint import CheckpointError, load_checkpoint
-from imgcls.data import DeviceLoader, load_configured
+from imgcls.data import load_configured
 from imgcls.device import pick_device
 from imgcls.exits import EXIT_BAD_INPUT, interrupted
+from imgcls.loader import BatchFormat, DeviceLoader
 from imgcls.loss import classification_loss
 from imgcls.precision import autocast, resolve_precision
 from imgcls.splits import val_indices
@@ -269,9 +270,7 @@ def evaluate_checkpoint(args: dict) -> dict:
     if list(classes) != list(info["classes"]):
         raise ValueError(class_mismatch(classes, info["classes"]))
     batch = int(args["batch_size"] or cfg.trainer.eval_batch_size)
-    loader = DeviceLoader(
-        images, labels, batch, device=device, mean=info["mean"], std=info["std"], train=False, drop_last=False
-    )
+    loader = DeviceLoader(images, labels, batch, device, BatchFormat(info["mean"], info["std"]))
     precision = resolve_precision(cfg.trainer.precision, device)
     r = run_eval(model, loader.epoch_batches(0), device, precision, bool(cfg.trainer.tta_flip), len(classes))
     confusion = r.pop("confusion")

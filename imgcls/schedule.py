@@ -174,24 +174,34 @@ def check_schedule_fits(scheduler, cfg: DictConfig) -> None:
 # --------------------------------------------------------------------------------------
 # Steps per epoch: counted ONE way (train.py, the preview and the conf tests), without reading images
 # --------------------------------------------------------------------------------------
+def batches_per_epoch(n: int, batch_size: int, limit: int | None = None) -> int:
+    """Optimizer steps in an epoch of ``n`` training images: full batches only (the last, short
+    one is dropped), at most ``limit`` (trainer.limit_train_batches). The one count and the one
+    batch-vs-data check: train.py (the real images) and the preview (counted) both call it.
+
+    >>> batches_per_epoch(45_000, 512), batches_per_epoch(45_000, 512, limit=20)
+    (87, 20)
+    """
+    if batch_size > n:
+        raise ValueError(f"trainer.batch_size: {batch_size} is larger than the {n} training images; use at most {n}")
+    return min(n // batch_size, limit) if limit else n // batch_size
+
+
 def steps_per_epoch(cfg: DictConfig, given: int | None = None) -> tuple[int, str]:
     """``schedule.steps_per_epoch`` as train.py would fill it, and where it came from."""
     t = cfg.trainer
+    limit = t.limit_train_batches
     if given is not None:
-        batches, source = given, f"--steps-per-epoch {given}"
+        full, source = given, f"--steps-per-epoch {given}"
+        steps = min(given, limit) if limit else given
     else:
         n, what = train_set_size(cfg)
-        if t.batch_size > n:
-            raise ValueError(
-                f"trainer.batch_size: {t.batch_size} is larger than the {n} training images; use at most {n}"
-            )
-        batches = n // t.batch_size
-        source = f"{what} // batch {t.batch_size}"
-    limit = t.limit_train_batches
-    if limit and limit < batches:
-        source += "" if given is not None else f" = {batches}"
-        return limit, f"{source}, capped by trainer.limit_train_batches={limit}"
-    return batches, source
+        full, source = batches_per_epoch(n, t.batch_size), f"{what} // batch {t.batch_size}"
+        steps = batches_per_epoch(n, t.batch_size, limit)
+        source += f" = {full}" if steps < full else ""
+    if steps < full:
+        return steps, f"{source}, capped by trainer.limit_train_batches={limit}"
+    return steps, source
 
 
 def train_set_size(cfg: DictConfig) -> tuple[int, str]:

@@ -52,21 +52,13 @@ def _rank_batches(rank: int, world: int, init_file: str, out_dir: str) -> None:
     """One gloo rank: its share of every batch of two epochs, gathered onto rank 0."""
     import torch.distributed as td
 
-    from imgcls.data import DeviceLoader, synthetic
+    from imgcls.data import synthetic
+    from imgcls.loader import Augment, BatchFormat, DeviceLoader
 
     td.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     ds = synthetic(96, 8, seed=3).load()
     loader = DeviceLoader(
-        ds.train_images,
-        ds.train_labels,
-        16,
-        device="cpu",
-        mean=ds.mean,
-        std=ds.std,
-        train=True,
-        seed=3,
-        rank=rank,
-        world=world,
+        ds.train_images, ds.train_labels, 16, "cpu", BatchFormat(ds.mean, ds.std), Augment(seed=3), shard=(rank, world)
     )
     batches = []
     for epoch in range(2):
@@ -83,14 +75,13 @@ def _rank_batches(rank: int, world: int, init_file: str, out_dir: str) -> None:
 def test_two_gloo_ranks_see_the_global_batches_of_one_process(tmp_path):
     import torch.multiprocessing as mp
 
-    from imgcls.data import DeviceLoader, synthetic
+    from imgcls.data import synthetic
+    from imgcls.loader import Augment, BatchFormat, DeviceLoader
 
     mp.spawn(_rank_batches, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     ranked = torch.load(tmp_path / "batches.pt", weights_only=False)
     ds = synthetic(96, 8, seed=3).load()
-    alone = DeviceLoader(
-        ds.train_images, ds.train_labels, 16, device="cpu", mean=ds.mean, std=ds.std, train=True, seed=3
-    )
+    alone = DeviceLoader(ds.train_images, ds.train_labels, 16, "cpu", BatchFormat(ds.mean, ds.std), Augment(seed=3))
     one = [batch for epoch in range(2) for batch in alone.epoch_batches(epoch)]
     assert len(ranked) == len(one) == 12  # 96 // 16 batches x 2 epochs
     for (x, y), parts in zip(one, ranked):

@@ -13,7 +13,8 @@ from PIL import Image
 
 from imgcls import evaluate, predict
 from imgcls.checkpoint import save_checkpoint
-from imgcls.data import DeviceLoader, synthetic
+from imgcls.data import synthetic
+from imgcls.loader import Augment, BatchFormat, DeviceLoader
 
 CONFIG = {
     "model": {"_target_": "imgcls.models.resnet9", "_partial_": True, "width": 4, "scale_out": 0.125},
@@ -34,7 +35,7 @@ def make_checkpoint(path, config=CONFIG, steps=3):
     torch.manual_seed(0)
     model = resnet9(num_classes=4, width=4)
     opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
-    loader = DeviceLoader(ds.train_images, ds.train_labels, 32, "cpu", ds.mean, ds.std, train=True)
+    loader = DeviceLoader(ds.train_images, ds.train_labels, 32, "cpu", BatchFormat(ds.mean, ds.std), Augment())
     for step in range(steps):
         for x, y in loader.epoch_batches(step):
             torch.nn.functional.cross_entropy(model(x), y).backward()
@@ -64,7 +65,7 @@ def test_evaluate_writes_metrics_confusion_and_matches_a_direct_evaluation(tmp_p
     assert evaluate.main([f"checkpoint={run}"]) == 0
     out = run / "eval" / "last-test"
     m = json.loads((out / "metrics.json").read_text())
-    loader = DeviceLoader(ds.test_images, ds.test_labels, 50, "cpu", ds.mean, ds.std, train=False, drop_last=False)
+    loader = DeviceLoader(ds.test_images, ds.test_labels, 50, "cpu", BatchFormat(ds.mean, ds.std))
     direct = evaluate.run_eval(model, loader.epoch_batches(0), torch.device("cpu"), "fp32", False)
     assert m["acc"] == direct["acc"] and m["loss"] == pytest.approx(direct["loss"], rel=1e-6)
     assert m["images"] == 64 and m["split"] == "test" and m["weights"] == "raw"
