@@ -16,7 +16,7 @@ where they are used, so a run that does not use them does not pay for them.
 # Bottom to top (tests/test_layers.py checks every import against this table).
 LAYERS = (
     ("io", "schema", "splits", "precision", "models", "loss", "distributed", "device"),  # no project imports
-    ("runlock",),  # the run directory's lock
+    ("runlock", "datastore"),  # the run directory's lock; dataset files, archives and the tensor cache
     ("exits",),  # exit codes, one-line errors, the stop request
     ("data", "loader", "averaging", "sweep"),  # datasets; the device loader; EMA/SWA; the sweep summary
     ("schedule",),  # schedule lengths, steps per epoch, when the scheduler steps

@@ -1,4 +1,5 @@
-"""Tests for imgcls.data: the dataset readers and the device loader (CPU only, seconds)."""
+"""Tests for imgcls.data, imgcls.datastore and imgcls.loader: the data options, the dataset
+readers and the device loader (CPU only, seconds)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ import torchvision
 from PIL import Image
 
 from imgcls import data as D
-from imgcls.data import DataNotFoundError, cifar10, cifar100, image_folder, synthetic
+from imgcls import datastore
+from imgcls.data import cifar10, cifar100, image_folder, synthetic
+from imgcls.datastore import DataNotFoundError
 from imgcls.loader import Augment, BatchFormat, DeviceLoader
 from tests.conftest import extract_cifar_subset
 
@@ -192,7 +195,7 @@ def test_failed_download_gives_the_same_clear_error(tmp_path, monkeypatch):
     def offline(*a, **k):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(D, "download_and_extract_archive", offline)
+    monkeypatch.setattr(datastore, "download_and_extract_archive", offline)
     with pytest.raises(DataNotFoundError) as ei:
         cifar100(root=str(tmp_path), download=True).load()
     msg = str(ei.value)
@@ -210,11 +213,11 @@ def test_a_relative_root_is_resolved_against_the_launch_directory(tmp_path, monk
     with pytest.raises(DataNotFoundError) as ei:
         cifar10(root=rel, download=False).load()
     assert str(tmp_path / rel / "cifar-10-python.tar.gz") in str(ei.value)
-    assert not (tmp_path / rel).exists() and not (D.PROJECT_ROOT / rel).exists()  # nothing created
+    assert not (tmp_path / rel).exists() and not (datastore.PROJECT_ROOT / rel).exists()  # nothing created
     with pytest.raises(ValueError, match=f"^data.dataset.path: {tmp_path / 'mysub'} does not exist"):
         image_folder(path="mysub")
-    assert D.resolve_path("~/x") == Path(os.path.expanduser("~/x"))
-    assert D._data_root(None) == D.PROJECT_ROOT / "data"
+    assert datastore.resolve_path("~/x") == Path(os.path.expanduser("~/x"))
+    assert D._data_root(None) == datastore.PROJECT_ROOT / "data"
 
 
 def test_a_data_option_is_a_builder_of_its_own_keys():
@@ -302,7 +305,7 @@ def test_image_folder_archive_extracted_once(tmp_path, monkeypatch, suffix, mode
     def no_extract(*a, **k):
         raise AssertionError("extracted twice")
 
-    monkeypatch.setattr(D, "_extract_atomic", no_extract)
+    monkeypatch.setattr(datastore, "_extract_atomic", no_extract)
     ds2 = image_folder(str(archive), root=str(root)).load()
     assert torch.equal(ds2.test_images, ds.test_images)
 

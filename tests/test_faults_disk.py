@@ -408,7 +408,7 @@ def test_a_new_cache_replaces_the_superseded_one_of_the_same_source(tmp_path, tm
     for p in sorted((root / "tiny").rglob("*"), reverse=True):
         p.rmdir() if p.is_dir() else p.unlink()
     (root / "tiny").rmdir()
-    with caplog.at_level(logging.INFO, logger="imgcls.data"):
+    with caplog.at_level(logging.INFO, logger="imgcls.datastore"):
         second = image_folder(str(archive), root=str(root)).load()
     (new,) = (root / "cache").glob("*.pt")
     assert new != old and not old.exists()
