@@ -68,3 +68,39 @@ def test_the_schema_holds_every_shipped_value():
     cfg, _ = compose_config(["schedule.warmup=0.3"])  # warmup_linear reads it
     validate_config(cfg)
     assert cfg.trainer.epochs == 16 and cfg.schedule.allow_truncated is False
+
+
+def test_a_default_is_written_once_values_in_conf_types_in_the_schema():
+    """imgcls/schema.py holds types only (every fixed key MISSING); each value is in conf/, and
+    conf/trainer/default.yaml and TrainerConfig agree key for key: adding a trainer key is two
+    edits, and forgetting either fails here."""
+    import dataclasses
+
+    from omegaconf import MISSING, OmegaConf
+
+    from imgcls import schema
+    from imgcls.config import CONF_DIR
+
+    nodes = (schema.TrainerConfig, schema.ScheduleConfig, schema.DataConfig, schema.Config)
+    second_values = [
+        f"{node.__name__}.{f.name} = {f.default!r}"
+        for node in nodes
+        for f in dataclasses.fields(node)
+        if f.default is not MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    assert not second_values, f"a value in the schema (it belongs in conf/): {second_values}"
+    yaml_keys = set(OmegaConf.load(CONF_DIR / "trainer" / "default.yaml"))
+    schema_keys = {f.name for f in dataclasses.fields(schema.TrainerConfig)}
+    assert yaml_keys == schema_keys, (
+        f"only in the schema: {sorted(schema_keys - yaml_keys)}; only in the YAML: {sorted(yaml_keys - schema_keys)}"
+    )
+    for data in ("cifar10", "cifar100", "image_folder", "synthetic"):
+        cfg, _ = compose_config([f"data={data}"])
+        filled_by_train_py = {"schedule.steps_per_epoch", "data.dataset.path"}
+        for node, prefix in ((cfg.trainer, "trainer"), (cfg.schedule, "schedule"), (cfg, "")):
+            for key in node:
+                name = f"{prefix}.{key}" if prefix else key
+                if name not in filled_by_train_py:
+                    assert not OmegaConf.is_missing(node, key), f"{name} has no value in conf/ (data={data})"
+        for key in ("val_size", "num_classes", "crop_padding", "flip", "alternating_flip"):
+            assert not OmegaConf.is_missing(cfg.data, key), f"data.{key} has no value in conf/ (data={data})"
