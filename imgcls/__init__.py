@@ -15,8 +15,13 @@ where they are used, so a run that does not use them does not pay for them.
 
 # Bottom to top (tests/test_layers.py checks every import against this table).
 LAYERS = (
-    ("io", "schema", "splits", "precision", "models", "loss", "distributed", "device"),  # no project imports
-    ("runlock", "datastore"),  # the run directory's lock; dataset files, archives and the tensor cache
+    ("io", "schema", "splits", "models", "loss", "distributed"),  # no project imports
+    (
+        "runlock",
+        "datastore",
+        "device",
+        "precision",
+    ),  # the run directory's lock; dataset files, archives and the tensor cache
     ("exits",),  # exit codes, one-line errors, the stop request
     ("data", "loader", "averaging", "sweep"),  # datasets; the device loader; EMA/SWA; the sweep summary
     ("schedule",),  # schedule lengths, steps per epoch, when the scheduler steps

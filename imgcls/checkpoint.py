@@ -346,8 +346,8 @@ def contents(run) -> dict:
         "scheduler": run.scheduler.state_dict(),
         "state": run.state.to_dict(),  # the counters (State)
         "rng": rng_state(),
-        "config": OmegaConf.to_container(run.cfg, resolve=True),
-        "config_unresolved": OmegaConf.to_container(run.cfg, resolve=False),
+        "config": OmegaConf.to_container(run.cfg, resolve=True, enum_to_str=True),  # plain: weights_only loads it
+        "config_unresolved": OmegaConf.to_container(run.cfg, resolve=False, enum_to_str=True),
     }
     if run.extras is not None:
         ckpt["scaler"] = run.extras.scaler.state_dict()
@@ -525,7 +525,7 @@ def check_resume_config(ckpt: dict, cfg: DictConfig, path) -> None:
     saved = ckpt.get("config_unresolved")
     if saved is None:
         raise ValueError(f"resume: {path} has no config_unresolved entry; it was not written by train.py")
-    structural, safe = config_changes(saved, OmegaConf.to_container(cfg, resolve=False))
+    structural, safe = config_changes(saved, OmegaConf.to_container(cfg, resolve=False, enum_to_str=True))
     if structural and not cfg.resume_force:
         raise ValueError(
             f"resume: {path} was written with a different model/optimizer/scheduler/data config; "

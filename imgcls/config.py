@@ -12,9 +12,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from imgcls.device import DEVICES, SWITCHES
+from imgcls import schema
+from imgcls.device import SWITCHES
 from imgcls.exits import EXIT_BAD_INPUT, one_line
-from imgcls.schedule import INTERVALS, _epochs, _mul, _run_fraction, _run_remainder, fill_steps_per_epoch
+from imgcls.schedule import _epochs, _mul, _run_fraction, _run_remainder, fill_steps_per_epoch
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -57,10 +58,9 @@ class ConfigError(ValueError):
 
 def setup() -> None:
     """The resolvers and the schema (idempotent): what composing conf/ needs."""
-    from imgcls.schema import register_configs
 
     register_resolvers()
-    register_configs()
+    schema.register_configs()
     _memoize_help_group_options()
 
 
@@ -175,6 +175,9 @@ def _expected_type(kind, leaf: str) -> str:
     for f in dataclasses.fields(kind):
         if f.name == leaf:
             name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            choice = getattr(schema, name, None)
+            if isinstance(choice, type) and issubclass(choice, schema.Choice):  # a typed key: its values
+                return "one of " + ", ".join(choice.__members__)
             return _TYPE_WORDS.get(name, name)
     return "a value of the schema's type"
 
@@ -367,12 +370,6 @@ def _int_at_least(cfg: DictConfig, key: str, low: int, optional: bool = False) -
         raise ValueError(f"{key}: {value!r} is not accepted; expected {accepted}")
 
 
-def _one_of(cfg: DictConfig, key: str, accepted) -> None:
-    value = OmegaConf.select(cfg, key)
-    if value not in accepted:
-        raise ValueError(f"{key}: {value!r} is not accepted; expected one of {list(accepted)}")
-
-
 def _targets(node) -> list[str]:
     """Every ``_target_`` in a (plain, unresolved) config subtree."""
     if isinstance(node, dict):
@@ -429,13 +426,9 @@ def validate_config(cfg: DictConfig) -> None:
     _int_at_least(cfg, "trainer.limit_train_batches", 1, optional=True)
     _int_at_least(cfg, "trainer.limit_eval_batches", 1, optional=True)
     _int_at_least(cfg, "data.crop_padding", 0)
-    _one_of(cfg, "trainer.device", DEVICES)
-    from imgcls.precision import PRECISIONS
-
-    _one_of(cfg, "trainer.precision", PRECISIONS)
+    # trainer.device, trainer.precision, schedule.interval: typed (imgcls/schema.py), refused at composition
     for key in SWITCHES:
         _switch(cfg, key)
-    _one_of(cfg, "schedule.interval", INTERVALS)
     from imgcls.precision import check_clip
     from imgcls.splits import val_count
 

@@ -3,7 +3,8 @@ and the CUDA-by-default switches (``trainer.channels_last``, ``trainer.fused``).
 
 from __future__ import annotations
 
-DEVICES = ("auto", "cpu", "cuda")
+from imgcls.schema import DEVICES
+
 SWITCHES = ("trainer.channels_last", "trainer.fused")  # auto | true | false
 
 

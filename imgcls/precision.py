@@ -17,16 +17,18 @@ import contextlib
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from imgcls.schema import PRECISIONS
+
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_precision(setting: str, device: torch.device) -> str:
-    """``fp32`` | ``bf16`` | ``fp16`` for ``trainer.precision`` on ``device``."""
+    """``fp32`` | ``bf16`` | ``fp16`` for ``trainer.precision`` on ``device``. Checked here too:
+    imgcls.evaluate reads a checkpoint's saved config, which no schema composed."""
     if setting not in PRECISIONS:
         raise ValueError(f"trainer.precision: {setting!r} is not accepted; expected one of {list(PRECISIONS)}")
     if setting != "auto":
-        return setting
+        return str(setting)
     if device.type != "cuda":
         return "fp32"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"

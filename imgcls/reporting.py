@@ -83,7 +83,7 @@ def build_logger(cfg: DictConfig, run_dir: Path, optimizer, runs: dict | None = 
             hydra.utils.instantiate(cfg.logger),
             run_dir,
             len(optimizer.param_groups),
-            config=OmegaConf.to_container(cfg, resolve=True),
+            config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
             runs=runs,
         )
 

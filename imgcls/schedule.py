@@ -22,8 +22,7 @@ import sys
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from imgcls.exits import one_line
-
-INTERVALS = ("step", "epoch")
+from imgcls.schema import INTERVALS
 
 
 def schedule_units_per_epoch(root: DictConfig) -> int:

@@ -18,9 +18,29 @@ refuses a key it does not take. This module imports neither torch nor the projec
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Optional
 
 from omegaconf import MISSING
+
+
+class Choice(str, Enum):
+    """A key with a few allowed string values: composition refuses any other, naming them. A
+    ``str`` too (``Device.cuda == "cuda"``, printed as ``cuda``), so the code reads it as the
+    string it was. (The auto/true/false switches stay ``Any``, checked by validate_config:
+    OmegaConf 2.3 cannot type "a bool or auto", and ``true`` must stay a YAML bool.)"""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+Device = Choice("Device", {v: v for v in ("auto", "cpu", "cuda")})  # auto: cuda if present, else cpu
+Precision = Choice("Precision", {v: v for v in ("auto", "fp32", "bf16", "fp16")})
+Interval = Choice("Interval", {v: v for v in ("step", "epoch")})  # when the scheduler steps
+DEVICES, PRECISIONS, INTERVALS = (tuple(c.__members__) for c in (Device, Precision, Interval))
 
 
 @dataclass
@@ -28,8 +48,8 @@ class TrainerConfig:
     epochs: int = MISSING
     batch_size: int = MISSING
     eval_batch_size: int = MISSING
-    device: str = MISSING
-    precision: str = MISSING
+    device: Device = MISSING
+    precision: Precision = MISSING
     grad_clip_norm: Optional[float] = MISSING
     ema_decay: Optional[float] = MISSING
     swa_start: Optional[float] = MISSING
@@ -52,7 +72,7 @@ class TrainerConfig:
 
 @dataclass
 class ScheduleConfig:
-    interval: str = MISSING
+    interval: Interval = MISSING
     steps_per_epoch: int = MISSING
     warmup: Optional[float] = MISSING
     allow_truncated: bool = MISSING

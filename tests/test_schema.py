@@ -23,6 +23,9 @@ from imgcls.config import ConfigError, compose_config, validate_config
         (["+schedule.warmpu=0.3"], "(did you mean schedule.warmup?)"),
         (["trainer.epochs=2.5"], "trainer.epochs: 2.5 is not accepted; expected an int"),
         (["trainer.compile=maybe"], "trainer.compile: maybe is not accepted; expected true or false"),
+        (["trainer.device=tpu"], "trainer.device: tpu is not accepted; expected one of auto, cpu, cuda"),
+        (["trainer.precision=fp8"], "trainer.precision: fp8 is not accepted; expected one of auto, fp32, bf16, fp16"),
+        (["schedule.interval=hourly"], "schedule.interval: hourly is not accepted; expected one of step, epoch"),
         (
             ["data=synthetic", "data.dataset.download=true"],
             "data.dataset.download: true is not accepted: data.dataset has no key 'download'",
