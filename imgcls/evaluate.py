@@ -336,24 +336,37 @@ def usage(module: str, doc: str) -> str:
     return f"usage: python -m {module} key=value ...\n\n{doc.strip()}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_command(name: str, doc: str, argv: list[str] | None, defaults: dict, job) -> tuple[int, dict | None]:
+    """``python -m imgcls.<name> key=value ...`` (evaluate, predict): ``--help`` prints ``doc``
+    (exit 0); bad input is one ``error:`` line (exit 2); Ctrl-C one line (exit 130); else
+    ``job(args)``'s result with exit 0."""
     from omegaconf.errors import OmegaConfBaseException
 
     argv = sys.argv[1:] if argv is None else argv
     if wants_help(argv):
-        print(usage("imgcls.evaluate", __doc__))
-        return 0
+        print(usage(f"imgcls.{name}", doc))
+        return 0, None
     try:
-        args = parse_args(
-            argv,
-            {"checkpoint": None, "split": "test", "out": None, "device": "auto", "batch_size": None, "weights": "auto"},
-        )
-        r = evaluate_checkpoint(args)
+        return 0, job(parse_args(argv, defaults))
     except (ValueError, FileNotFoundError, OmegaConfBaseException) as e:  # CheckpointError is a ValueError
         print(f"error: {e}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
+        return EXIT_BAD_INPUT, None
     except KeyboardInterrupt:
-        return interrupted("evaluate")
+        return interrupted(name), None
+
+
+def main(argv: list[str] | None = None) -> int:
+    defaults = {
+        "checkpoint": None,
+        "split": "test",
+        "out": None,
+        "device": "auto",
+        "batch_size": None,
+        "weights": "auto",
+    }
+    code, r = run_command("evaluate", __doc__, argv, defaults, evaluate_checkpoint)
+    if r is None:
+        return code
     print(
         f"{r['split']} of {r['checkpoint']} ({r['weights']} weights): {r['images']} images, "
         f"loss {r['loss']:.4f}, accuracy {r['acc']:.4f}"

@@ -26,15 +26,7 @@ import numpy as np
 import torch
 
 from imgcls.device import pick_device
-from imgcls.evaluate import (
-    data_info,
-    load_model,
-    parse_args,
-    resolve_checkpoint,
-    usage,
-    wants_help,
-)
-from imgcls.exits import EXIT_BAD_INPUT, interrupted
+from imgcls.evaluate import data_info, load_model, resolve_checkpoint, run_command
 from imgcls.precision import autocast, resolve_precision
 
 
@@ -158,31 +150,17 @@ def predict(args: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if wants_help(argv):
-        print(usage("imgcls.predict", __doc__))
-        return 0
-    try:
-        args = parse_args(
-            argv,
-            {
-                "checkpoint": None,
-                "images": None,
-                "out": "predictions.csv",
-                "topk": 5,
-                "batch_size": 256,
-                "device": "auto",
-                "weights": "auto",
-            },
-        )
+    defaults = {"checkpoint": None, "images": None, "out": "predictions.csv", "topk": 5}
+    defaults |= {"batch_size": 256, "device": "auto", "weights": "auto"}
+
+    def job(args: dict) -> dict:
         if args["data"]:
             raise ValueError(f"data.{next(iter(args['data']))}: not accepted by predict (it reads images=PATH)")
-        r = predict(args)
-    except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        return interrupted("predict")
+        return predict(args)
+
+    code, r = run_command("predict", __doc__, argv, defaults, job)
+    if r is None:
+        return code
     print(
         f"predicted {r['written']} images with {r['checkpoint']} ({r['weights']} weights) -> {r['out']}"
         + (f"; skipped {len(r['skipped'])} unreadable" if r["skipped"] else "")
