@@ -45,6 +45,31 @@ MODEL_PREFIX = "imgcls.models."  # the only model builders a checkpoint may name
 DATA_PREFIX = "imgcls.data."  # the only data builders a checkpoint may name
 
 
+def names_only_a_builder(node, prefix: str) -> bool:
+    """A checkpoint's ``model``/``data.dataset`` node names a function DEFINED in the module of
+    ``prefix`` (not one it imports: ``imgcls.data.np.save`` is refused) and no other ``_target_``
+    below it (Hydra would instantiate a nested one): a checkpoint names no other code to run."""
+    import importlib
+
+    from omegaconf import OmegaConf
+
+    tree = OmegaConf.to_container(node) if OmegaConf.is_config(node) else node
+    target = tree.get("_target_") if isinstance(tree, dict) else None
+    module, _, name = str(target).rpartition(".")
+    if module != prefix[:-1] or name.startswith("_"):
+        return False
+    builder = getattr(importlib.import_module(module), name, None)
+    if not callable(builder) or getattr(builder, "__module__", None) != module:
+        return False
+
+    def nested(v) -> bool:
+        if isinstance(v, dict):
+            return "_target_" in v or any(nested(x) for x in v.values())
+        return isinstance(v, list) and any(nested(x) for x in v)
+
+    return not any(nested(v) for k, v in tree.items() if k != "_target_")
+
+
 # --------------------------------------------------------------------------------------
 # the evaluation loop (shared with train.py)
 # --------------------------------------------------------------------------------------
@@ -116,7 +141,7 @@ def load_model(path: Path, device: torch.device, weights: str = "auto"):
             raise CheckpointError(f"checkpoint {path} has no {key!r} entry; it was not written by train.py")
     cfg = OmegaConf.create(ckpt["config"])
     target = str(OmegaConf.select(cfg, "model._target_", default=""))
-    if not target.startswith(MODEL_PREFIX):
+    if not names_only_a_builder(cfg.get("model"), MODEL_PREFIX):
         raise CheckpointError(
             f"checkpoint {path}: model._target_ {target!r} is not accepted; expected a "
             f"builder in {MODEL_PREFIX[:-1]} (a checkpoint names no other code to run)"
@@ -236,7 +261,7 @@ def load_split(cfg, data_overrides: dict, split: str):
 
     d = cfg.data
     target = str(OmegaConf.select(d, "dataset._target_", default=""))
-    if not target.startswith(DATA_PREFIX):
+    if not names_only_a_builder(d.get("dataset"), DATA_PREFIX):
         raise CheckpointError(
             f"checkpoint config: data.dataset._target_ {target!r} is not accepted; expected a builder in "
             f"{DATA_PREFIX[:-1]} (a checkpoint names no other code to run; one without data.dataset was "

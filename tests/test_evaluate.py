@@ -98,7 +98,18 @@ class _Evil:
 
 
 @pytest.mark.parametrize(
-    "kind", ["missing", "garbage", "crafted", "foreign_target", "foreign_data", "class_mismatch", "empty_dir"]
+    "kind",
+    [
+        "missing",
+        "garbage",
+        "crafted",
+        "foreign_target",
+        "foreign_data",
+        "imported_name",
+        "nested_target",
+        "class_mismatch",
+        "empty_dir",
+    ],
 )
 def test_bad_checkpoints_and_data_exit_2_in_one_line(tmp_path, capsys, monkeypatch, kind):
     monkeypatch.chdir(tmp_path)
@@ -113,6 +124,12 @@ def test_bad_checkpoints_and_data_exit_2_in_one_line(tmp_path, capsys, monkeypat
     elif kind == "foreign_data":
         dataset = {"_target_": "os.system", "command": "touch PWNED"}
         make_checkpoint(ckpt, config={**CONFIG, "data": {**CONFIG["data"], "dataset": dataset}}, steps=0)
+    elif kind == "imported_name":  # a name imgcls.data imports, not a builder it defines
+        dataset = {"_target_": "imgcls.data.np.save", "file": "PWNED", "arr": [1]}
+        make_checkpoint(ckpt, config={**CONFIG, "data": {**CONFIG["data"], "dataset": dataset}}, steps=0)
+    elif kind == "nested_target":  # a builder of imgcls.models with code to run inside its arguments
+        model = {**CONFIG["model"], "width": {"_target_": "os.system", "command": "touch PWNED"}}
+        make_checkpoint(ckpt, config={**CONFIG, "model": model}, steps=0)
     elif kind == "class_mismatch":
         make_checkpoint(ckpt, steps=0)
         args.append("data.dataset.num_classes=5")
@@ -127,11 +144,13 @@ def test_bad_checkpoints_and_data_exit_2_in_one_line(tmp_path, capsys, monkeypat
         "crafted": "weights_only",
         "foreign_target": "model._target_ 'os.system' is not accepted",
         "foreign_data": "data.dataset._target_ 'os.system' is not accepted",
+        "imported_name": "data.dataset._target_ 'imgcls.data.np.save' is not accepted",
+        "nested_target": "model._target_ 'imgcls.models.resnet9' is not accepted",
         "class_mismatch": "do not match",
         "empty_dir": "without checkpoints/best.pt",
     }[kind]
     assert expected in err
-    assert not (tmp_path / "PWNED").exists()
+    assert not (tmp_path / "PWNED").exists() and not (tmp_path / "PWNED.npy").exists()
 
 
 def _png(path, size, colour):
