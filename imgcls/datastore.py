@@ -159,7 +159,8 @@ def _load_cache(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        d = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: pages are read when used (evaluate touches only the test split of a 60k-image cache)
+        d = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if not isinstance(d, dict) or any(k not in d for k in _CACHE_KEYS):
             raise ValueError("missing keys")
     except Exception as e:  # a cache is disposable: rebuild it rather than fail the run
