@@ -84,7 +84,7 @@ def recipe(cfg: DictConfig, run_dir: Path) -> float | None:
         run = Run(cfg, run_dir, device, dist, data, model, optimizer, scheduler, extras, lock)
         run.state = resume(run)  # 7. resume
         write_config(run, composed)  #    accepted: config.yaml and .hydra/ (not before)
-        if run.state.epoch >= cfg.trainer.epochs:
+        if run.state.epoch >= cfg.trainer.epochs or run.state.stopped_early is not None:
             print(f"run in {run_dir} already finished at step {run.state.step}: nothing to do")
             if not (run_dir / "results.json").exists():  # its writing failed (a full disk): once more
                 write_results(run)
@@ -273,6 +273,8 @@ def train(run: Run) -> str | None:
             if stopped:
                 print(f"{stop.signal}: checkpoint saved at step {state.step}; exiting", flush=True)
                 return stop.signal
+            if state.finished:  # the last epoch, or stopped early (trainer.early_stop_patience)
+                break
     return None
 
 
@@ -386,11 +388,28 @@ def end_epoch(loop: Loop, report, epoch: int) -> None:
         if state.best_acc is None or acc > state.best_acc:
             state.best_acc, state.best_epoch = acc, epoch + 1
             loop.improved = loop.data.val is not None  # best.pt is selected on the validation split only
+        if early_stop(state, t, acc) and not last:
+            state.stopped_early = epoch + 1
     loop.stepper.after_epoch(state.last_eval[f"{loop.split}_loss"] if state.last_eval else None)
     report.flush(loop)  # the epoch's last train line: its lr is the one after this epoch's step
     if evaluated:
         report.log.write({"step": state.step, "epoch": epoch + 1, **state.last_eval}, echo="always")
-    state.finished = last
+    state.finished = last or state.stopped_early is not None
+    if state.stopped_early is not None:
+        print(f"early stop: no gain above {t.early_stop_min_delta} in {t.early_stop_patience} evaluations", flush=True)
+
+
+def early_stop(state, t, acc: float) -> bool:
+    """trainer.early_stop_patience: True once that many evaluations in a row have not beaten
+    the best by more than early_stop_min_delta (Lightning's EarlyStopping); the counter is in
+    the checkpoint's State, so a resumed run keeps it."""
+    if t.early_stop_patience is None:
+        return False
+    if state.early_stop_best is None or acc > state.early_stop_best + t.early_stop_min_delta:
+        state.early_stop_best, state.early_stop_wait = acc, 0
+        return False
+    state.early_stop_wait += 1
+    return state.early_stop_wait >= t.early_stop_patience
 
 
 @dataclass

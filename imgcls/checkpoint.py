@@ -312,6 +312,9 @@ class State:
         self.images = 0  # training images processed (for images per second)
         self.skipped_steps = 0  # steps whose loss was NaN/inf, dropped (trainer.skip_nonfinite)
         self.logger_runs = {}  # tracker run ids ({"wandb": id, "mlflow": id}): a resume continues them
+        self.early_stop_best = None  # the selection metric's best by more than early_stop_min_delta...
+        self.early_stop_wait = 0  # ...and the evaluations since (trainer.early_stop_patience)
+        self.stopped_early = None  # the epoch after which early stopping ended the run
 
     def to_dict(self) -> dict:
         return dict(vars(self))

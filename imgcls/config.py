@@ -397,6 +397,29 @@ def check_averaging(ema_decay, swa_start) -> None:
         )
 
 
+def check_early_stop(cfg: DictConfig) -> None:
+    """trainer.early_stop_patience (null, or evaluations >= 1) and its min_delta (>= 0): it stops on
+    the validation split (never the test split, read once at the end), so it needs one; SWA
+    averages up to the planned end, so not both."""
+    t = cfg.trainer
+    _int_at_least(cfg, "trainer.early_stop_patience", 1, optional=True)
+    delta = t.early_stop_min_delta
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0.0 <= delta < 1.0:
+        raise ValueError(f"trainer.early_stop_min_delta: {delta!r} is not accepted; expected a number in [0, 1)")
+    if t.early_stop_patience is None:
+        return
+    if not cfg.data.get("val_size", 0):
+        raise ValueError(
+            f"trainer.early_stop_patience: {t.early_stop_patience} is not accepted without a validation "
+            f"split (data.val_size is 0): it would stop on the test split; set data.val_size (e.g. 0.1)"
+        )
+    if t.swa_start is not None:
+        raise ValueError(
+            f"trainer.early_stop_patience: {t.early_stop_patience} is not accepted with trainer.swa_start "
+            f"(SWA averages up to the planned end of the run); turn one off"
+        )
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Check the composed config: what its schema cannot express (ranges, choices, how the
     parts fit together). Touches no file and no device: see pick_device and check_writable."""
@@ -435,6 +458,7 @@ def validate_config(cfg: DictConfig) -> None:
     check_clip(cfg.trainer.get("grad_clip_norm"))
     check_averaging(cfg.trainer.get("ema_decay"), cfg.trainer.get("swa_start"))
     val_count(cfg.data.get("val_size", 0), 1 << 62)  # its type here; its size against the data in train.py
+    check_early_stop(cfg)
     lr = OmegaConf.select(cfg, "optimizer.lr")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or lr != lr or lr == float("inf"):
         raise ValueError(f"optimizer.lr: {lr!r} is not accepted; expected a finite number > 0")

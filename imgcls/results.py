@@ -74,6 +74,7 @@ def write_results(run) -> None:
     results = {
         **val,
         **final_test(run),
+        "stopped_early": state.stopped_early,  # the epoch early stopping ended the run after; null: ran all
         "steps": state.step,
         "skipped_steps": state.skipped_steps,
         "train_seconds": round(state.train_seconds, 3),  # the training loop only, evaluation excluded

@@ -53,6 +53,8 @@ class TrainerConfig:
     grad_clip_norm: Optional[float] = MISSING
     ema_decay: Optional[float] = MISSING
     swa_start: Optional[float] = MISSING
+    early_stop_patience: Optional[int] = MISSING
+    early_stop_min_delta: float = MISSING
     compile: bool = MISSING
     channels_last: Any = MISSING
     fused: Any = MISSING

@@ -42,6 +42,7 @@ TIERS = {
         "test_train",
         "test_faults",
         "test_faults_disk",
+        "test_early_stop",
         "test_distributed",
         "test_sweeps",
         "test_loggers",
