@@ -168,8 +168,11 @@ def load_data(cfg: DictConfig, device, dist) -> Data:
     keep, held = val_indices(ds.train_labels, d.get("val_size", 0))  # stratified, from a fixed seed
     train_images, train_labels = ds.train_images[keep], ds.train_labels[keep]
     steps = batches_per_epoch(len(train_labels), t.batch_size, t.limit_train_batches)  # refuses a batch > the data
-    if t.batch_size % dist.world:
-        raise ValueError(f"trainer.batch_size: {t.batch_size} is not divisible by the {dist.world} ranks")
+    if t.batch_size % (dist.world * t.accumulate_grad_batches):
+        raise ValueError(
+            f"trainer.batch_size: {t.batch_size} is not divisible by the {dist.world} rank(s) x "
+            f"trainer.accumulate_grad_batches={t.accumulate_grad_batches} (equal micro-batches on every rank)"
+        )
     side = min(ds.train_images.shape[-2:])
     if d.crop_padding >= side:
         raise ValueError(
@@ -299,7 +302,10 @@ class Loop:
         self.monitor = f"ema_{self.split}_acc" if self.averaging.ema is not None else f"{self.split}_acc"
         self.improved = False  # the epoch's evaluation beat the best so far (best.pt is due)
         self.loss_fn = training_loss(self.t)  # imgcls/loss.py: the one loss definition
-        self.settings = StepSettings(self.precision, run.extras.scaler, self.t.grad_clip_norm, self.t.skip_nonfinite)
+        t = self.t
+        self.settings = StepSettings(
+            self.precision, run.extras.scaler, t.grad_clip_norm, t.skip_nonfinite, t.accumulate_grad_batches
+        )
         self.net = distributed.wrap(run.model, self.dist, self.device)  # DDP under torchrun
         self.net = torch.compile(self.net) if self.t.compile else self.net
         self.loss = TrainLoss(self.state, self.dist, self.device, self.run_dir)  # summed on the device
@@ -422,22 +428,39 @@ class StepSettings:
     scaler: object = None
     clip_norm: float | None = None
     skip_nonfinite: bool = False
+    accumulate: int = 1  # trainer.accumulate_grad_batches: micro-batches per optimizer step
 
 
 def train_step(net, optimizer, loss_fn, x, y, settings: StepSettings) -> object:
     """One optimizer step on batch (x, y); the detached loss, or None if it was NaN/inf and
-    settings.skip_nonfinite is set. Also what `make bench` times (benchmarks/bench_train.py)."""
+    settings.skip_nonfinite is set. Also what `make bench` times (benchmarks/bench_train.py).
+
+    ``settings.accumulate`` = N > 1: the batch runs as N micro-batches, each loss weighted by its
+    share of the batch, gradients summed, one optimizer step (the same update as the whole batch
+    but for BatchNorm, whose statistics are per micro-batch); under DDP the first N-1 backward
+    passes skip the all-reduce (``no_sync``). A step never stops halfway: resume is exact."""
+    import contextlib
+
     import torch
 
-    from imgcls.precision import autocast, make_scaler, optimizer_step
+    from imgcls.precision import apply_gradients, autocast, make_scaler
 
-    with autocast(x.device, settings.precision):
-        loss = loss_fn(net(x), y)
-    if settings.skip_nonfinite and not torch.isfinite(loss):
-        return None
     scaler = settings.scaler if settings.scaler is not None else make_scaler(x.device, "fp32")
-    optimizer_step(loss, optimizer, scaler, settings.clip_norm)
-    return loss.detach()
+    chunks = list(zip(x.chunk(settings.accumulate), y.chunk(settings.accumulate)))
+    total = None
+    for i, (xc, yc) in enumerate(chunks):
+        last = i == len(chunks) - 1
+        sync = contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync()
+        with sync:
+            with autocast(x.device, settings.precision):
+                loss = loss_fn(net(xc), yc) * (len(yc) / len(y))  # x1.0 (exact) without accumulation
+            if settings.skip_nonfinite and not torch.isfinite(loss):
+                optimizer.zero_grad(set_to_none=True)  # drop the micro-batches already summed
+                return None
+            scaler.scale(loss).backward()
+        total = loss.detach() if total is None else total + loss.detach()
+    apply_gradients(optimizer, scaler, settings.clip_norm)
+    return total
 
 
 if __name__ == "__main__":

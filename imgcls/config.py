@@ -438,6 +438,7 @@ def validate_config(cfg: DictConfig) -> None:
     for key in (
         "trainer.epochs",
         "trainer.batch_size",
+        "trainer.accumulate_grad_batches",
         "trainer.eval_batch_size",
         "trainer.eval_every",
         "trainer.log_every",

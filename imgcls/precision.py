@@ -52,6 +52,12 @@ def optimizer_step(
     """backward, optional clipping of the total gradient norm to ``clip_norm`` (on the unscaled
     gradients), optimizer step (skipped by the scaler if an fp16 gradient is inf/NaN), zero grads."""
     scaler.scale(loss).backward()
+    apply_gradients(optimizer, scaler, clip_norm, parameters)
+
+
+def apply_gradients(optimizer, scaler: torch.amp.GradScaler, clip_norm: float | None, parameters=None) -> None:
+    """The step after the backward pass(es): clip (unscaled first), step, update the scale, zero
+    the gradients. Gradient accumulation runs several backward passes, then this once."""
     if clip_norm is not None:
         scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
         if parameters is None:

@@ -47,6 +47,7 @@ DEVICES, PRECISIONS, INTERVALS = (tuple(c.__members__) for c in (Device, Precisi
 class TrainerConfig:
     epochs: int = MISSING
     batch_size: int = MISSING
+    accumulate_grad_batches: int = MISSING
     eval_batch_size: int = MISSING
     device: Device = MISSING
     precision: Precision = MISSING

@@ -37,7 +37,7 @@ TIERS = {
         "test_averaging",
         "test_precision",
     ),
-    "integration": ("test_bad_input", "test_evaluate", "test_recipe", "test_docs"),
+    "integration": ("test_bad_input", "test_evaluate", "test_recipe", "test_docs", "test_accumulate"),
     "system": (
         "test_train",
         "test_faults",
