@@ -291,6 +291,7 @@ class Loop:
 
         from imgcls.loss import training_loss
         from imgcls.schedule import SchedulerStepper
+        from imgcls.step import StepSettings
 
         self.run, self.cfg, self.t, self.run_dir, self.data = run, run.cfg, run.cfg.trainer, run.run_dir, run.data
         self.model, self.optimizer, self.scheduler, self.state = run.model, run.optimizer, run.scheduler, run.state
@@ -313,6 +314,8 @@ class Loop:
     def step(self, x, y) -> None:
         """One optimizer step, its counters, and the scheduler step due after it."""
         import torch
+
+        from imgcls.step import train_step
 
         loss = train_step(self.net, self.optimizer, self.loss_fn, x, y, self.settings)
         if loss is None:
@@ -416,51 +419,6 @@ def early_stop(state, t, acc: float) -> bool:
         return False
     state.early_stop_wait += 1
     return state.early_stop_wait >= t.early_stop_patience
-
-
-@dataclass
-class StepSettings:
-    """How train_step runs: precision fp32 | bf16 | fp16 (fp16 takes the GradScaler ``scaler``),
-    clip_norm clips the total gradient norm, unscaled first (imgcls/precision.py), and
-    skip_nonfinite drops a step whose loss is NaN/inf (a host sync per step, hence opt-in)."""
-
-    precision: str = "fp32"
-    scaler: object = None
-    clip_norm: float | None = None
-    skip_nonfinite: bool = False
-    accumulate: int = 1  # trainer.accumulate_grad_batches: micro-batches per optimizer step
-
-
-def train_step(net, optimizer, loss_fn, x, y, settings: StepSettings) -> object:
-    """One optimizer step on batch (x, y); the detached loss, or None if it was NaN/inf and
-    settings.skip_nonfinite is set. Also what `make bench` times (benchmarks/bench_train.py).
-
-    ``settings.accumulate`` = N > 1: the batch runs as N micro-batches, each loss weighted by its
-    share of the batch, gradients summed, one optimizer step (the same update as the whole batch
-    but for BatchNorm, whose statistics are per micro-batch); under DDP the first N-1 backward
-    passes skip the all-reduce (``no_sync``). A step never stops halfway: resume is exact."""
-    import contextlib
-
-    import torch
-
-    from imgcls.precision import apply_gradients, autocast, make_scaler
-
-    scaler = settings.scaler if settings.scaler is not None else make_scaler(x.device, "fp32")
-    chunks = list(zip(x.chunk(settings.accumulate), y.chunk(settings.accumulate)))
-    total = None
-    for i, (xc, yc) in enumerate(chunks):
-        last = i == len(chunks) - 1
-        sync = contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync()
-        with sync:
-            with autocast(x.device, settings.precision):
-                loss = loss_fn(net(xc), yc) * (len(yc) / len(y))  # x1.0 (exact) without accumulation
-            if settings.skip_nonfinite and not torch.isfinite(loss):
-                optimizer.zero_grad(set_to_none=True)  # drop the micro-batches already summed
-                return None
-            scaler.scale(loss).backward()
-        total = loss.detach() if total is None else total + loss.detach()
-    apply_gradients(optimizer, scaler, settings.clip_norm)
-    return total
 
 
 if __name__ == "__main__":

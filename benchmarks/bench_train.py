@@ -303,11 +303,11 @@ def bench_model(
 ) -> dict:
     from omegaconf import open_dict
 
-    import train as recipe  # train.py: the step and the evaluation it times are the real ones
     from imgcls.checkpoint import save_checkpoint
     from imgcls.distributed import unwrap_model
     from imgcls.evaluate import evaluate_split
     from imgcls.loss import training_loss
+    from imgcls.step import StepSettings, train_step
 
     overrides = [*compose_overrides, f"model={name}"] + ([f"model.width={s['width']}"] if name == "resnet9" else [])
     cfg = compose(overrides)
@@ -316,7 +316,7 @@ def bench_model(
         cfg.schedule.steps_per_epoch = len(train_loader)
     model, optimizer, scheduler, fwd_flops = build(cfg, device)
     bf16 = device.type == "cuda"  # trainer.precision=auto
-    settings = recipe.StepSettings("bf16" if bf16 else "fp32")
+    settings = StepSettings("bf16" if bf16 else "fp32")
     loss_fn = training_loss(cfg.trainer)
     net = torch.compile(model) if s["compile"] else model
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
@@ -328,7 +328,7 @@ def bench_model(
     )
 
     def step_fn(x, y):  # the step train.py runs (trainer.skip_nonfinite=false, the default)
-        return recipe.train_step(net, optimizer, loss_fn, x, y, settings)
+        return train_step(net, optimizer, loss_fn, x, y, settings)
 
     def train_steps(n: int):  # train.py's loop body, without its bookkeeping on the host
         nonlocal loss_sum

@@ -22,7 +22,7 @@ LAYERS = (
         "device",
         "precision",
     ),  # the run directory's lock; dataset files, archives and the tensor cache
-    ("exits",),  # exit codes, one-line errors, the stop request
+    ("exits", "step"),  # exit codes, one-line errors, the stop request; one optimizer step
     ("data", "loader", "averaging", "sweep"),  # datasets; the device loader; EMA/SWA; the sweep summary
     ("schedule",),  # schedule lengths, steps per epoch, when the scheduler steps
     ("config",),  # composition, its messages, validation

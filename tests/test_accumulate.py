@@ -1,5 +1,5 @@
 """Gradient accumulation (trainer.accumulate_grad_batches): N micro-batches make one optimizer
-step with the whole batch's update (in-process train.train_step, and one real stopped and
+step with the whole batch's update (in-process imgcls.step.train_step, and one real stopped and
 resumed run)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-import train
 from imgcls.loss import classification_loss
+from imgcls.step import StepSettings, train_step
 from tests.conftest import assert_same_weights, metrics, run_train, run_until_sigterm, weights
 
 
@@ -19,11 +19,11 @@ def _steps(accumulate: int, clip: float | None, seen: list | None = None) -> nn.
     if seen is not None:
         net.register_forward_pre_hook(lambda module, args: seen.append(len(args[0])))
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, nesterov=True)
-    settings = train.StepSettings("fp32", clip_norm=clip, accumulate=accumulate)
+    settings = StepSettings("fp32", clip_norm=clip, accumulate=accumulate)
     g = torch.Generator().manual_seed(1)
     for _ in range(3):
         x, y = torch.randn(32, 3, 4, 4, generator=g), torch.randint(0, 5, (32,), generator=g)
-        train.train_step(net, opt, classification_loss, x, y, settings)
+        train_step(net, opt, classification_loss, x, y, settings)
     return net
 
 

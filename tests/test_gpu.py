@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import train
+from imgcls.step import StepSettings, train_step
 from tests.conftest import build_recipe, metrics, run_train
 from tests.conftest import run_until_sigterm as _run_until_sigterm
 
@@ -59,13 +60,13 @@ def test_cuda_per_step_work_has_no_host_sync():
     batches = data.train.epoch_batches(0)
     for _ in range(2):
         x, y = next(batches)
-        loss_sum += train.train_step(model, optimizer, loss_fn, x, y, train.StepSettings("bf16")).float()
+        loss_sum += train_step(model, optimizer, loss_fn, x, y, StepSettings("bf16")).float()
         scheduler.step()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for x, y in batches:
-            loss_sum += train.train_step(model, optimizer, loss_fn, x, y, train.StepSettings("bf16")).float()
+            loss_sum += train_step(model, optimizer, loss_fn, x, y, StepSettings("bf16")).float()
             scheduler.step()
     finally:
         torch.cuda.set_sync_debug_mode(0)

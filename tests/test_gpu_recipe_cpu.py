@@ -23,6 +23,7 @@ from imgcls import distributed
 from imgcls.config import compose_config
 from imgcls.device import device_switch, fused_argument
 from imgcls.evaluate import evaluate_split
+from imgcls.step import StepSettings, train_step
 from tests.conftest import build_recipe, metrics, run_train, run_until_sigterm
 
 # cifar10_fast as a GPU runs it, on a CPU in seconds per step: tiny width, synthetic data
@@ -79,7 +80,7 @@ def test_gpu_switches_forced_on_a_cpu_reach_model_batches_optimizer_and_autocast
     model.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.trainer.label_smoothing)
     before = [p.detach().clone() for p in model.parameters()]
-    loss = train.train_step(model, optimizer, loss_fn, x, y, train.StepSettings(cfg.trainer.precision))
+    loss = train_step(model, optimizer, loss_fn, x, y, StepSettings(cfg.trainer.precision))
     assert seen == [torch.bfloat16], "the forward pass did not run under bf16 autocast"
     assert torch.isfinite(loss) and loss.dtype == torch.float32
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters())), "the fused step changed nothing"
@@ -108,7 +109,7 @@ def test_per_step_work_reads_nothing_back_to_the_host(monkeypatch):
     loss_sum = torch.zeros((), device=device)
     batches = data.train.epoch_batches(0)
     x, y = next(batches)  # the epoch's first batch: the epoch plan is moved to the device once
-    loss_sum += train.train_step(model, optimizer, loss_fn, x, y, train.StepSettings("bf16")).float()
+    loss_sum += train_step(model, optimizer, loss_fn, x, y, StepSettings("bf16")).float()
     scheduler.step()
 
     def host_sync(name):
@@ -121,7 +122,7 @@ def test_per_step_work_reads_nothing_back_to_the_host(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, host_sync(name))
     steps = 0
     for x, y in batches:
-        loss_sum += train.train_step(model, optimizer, loss_fn, x, y, train.StepSettings("bf16")).float()
+        loss_sum += train_step(model, optimizer, loss_fn, x, y, StepSettings("bf16")).float()
         scheduler.step()
         steps += 1
     monkeypatch.undo()
