@@ -402,7 +402,7 @@ def end_epoch(loop: Loop, report, epoch: int) -> None:
     loop.stepper.after_epoch(state.last_eval[f"{loop.split}_loss"] if state.last_eval else None)
     report.flush(loop)  # the epoch's last train line: its lr is the one after this epoch's step
     if evaluated:
-        report.log.write({"step": state.step, "epoch": epoch + 1, **state.last_eval}, echo="always")
+        report.evaluation(loop, epoch + 1)  # metrics.jsonl (and curves.png with trainer.plot_curves)
     state.finished = last or state.stopped_early is not None
     if state.stopped_early is not None:
         print(f"early stop: no gain above {t.early_stop_min_delta} in {t.early_stop_patience} evaluations", flush=True)

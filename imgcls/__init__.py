@@ -27,6 +27,7 @@ LAYERS = (
     ("schedule",),  # schedule lengths, steps per epoch, when the scheduler steps
     ("config",),  # composition, its messages, validation
     ("checkpoint", "loggers", "preview"),  # checkpoints and resume; metric trackers; the schedule preview
+    ("plot",),  # pictures of runs (curves.png)
     ("evaluate", "reporting"),  # scoring a model or checkpoint; what a run prints and logs
     ("results", "predict"),  # the final test and results.json; predictions for new images
 )

@@ -126,8 +126,8 @@ def fsync_dir(directory: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str, what: str, kept: str = "") -> Path:
-    """Replace ``path`` with ``text`` atomically: a temp file in the same folder, fsync'ed, then
+def write_text_atomic(path: str | os.PathLike, text: str | bytes, what: str, kept: str = "") -> Path:
+    """Replace ``path`` with ``text`` (str, or bytes: a PNG) atomically: a temp file in the same folder, fsync'ed, then
     os.replace, then the folder fsync'ed (the rename made durable). On any failure the temp file is removed and ``path`` keeps its old content
     (or stays absent); an OSError becomes a WriteFault naming ``path``."""
     path = Path(path)
@@ -137,7 +137,7 @@ def write_text_atomic(path: str | os.PathLike, text: str, what: str, kept: str =
         try:
             if hasattr(os, "fchmod"):  # mkstemp makes 0600; these are ordinary rw-r--r-- files
                 os.fchmod(fd, 0o644)
-            with os.fdopen(fd, "w") as f:
+            with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
                 f.write(text)
                 f.flush()
                 os.fsync(f.fileno())

@@ -191,6 +191,14 @@ class Reporter:
         self.log.write(record, images_per_second=speed)
         self.bar and self.bar.set_postfix(loss=f"{record['train_loss']:.3f}", lr=f"{record['lr'][0]:.3g}")
 
+    def evaluation(self, loop, epoch: int) -> None:
+        """The evaluation's line (always echoed), and curves.png redrawn with it (trainer.plot_curves)."""
+        self.log.write({"step": loop.state.step, "epoch": epoch, **loop.state.last_eval}, echo="always")
+        if loop.t.plot_curves and loop.dist.is_main:
+            from imgcls.plot import write_curves
+
+            write_curves(loop.run_dir)
+
 
 def _progress_enabled(setting) -> bool:
     if setting == "auto":

@@ -71,6 +71,7 @@ class TrainerConfig:
     limit_eval_batches: Optional[int] = MISSING
     seed: int = MISSING
     progress: Any = MISSING
+    plot_curves: bool = MISSING
 
 
 @dataclass

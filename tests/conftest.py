@@ -43,6 +43,7 @@ TIERS = {
         "test_faults",
         "test_faults_disk",
         "test_early_stop",
+        "test_plot",
         "test_distributed",
         "test_sweeps",
         "test_loggers",

@@ -144,6 +144,12 @@ def check(argv: list[str], run: bool, conf: Path) -> str | None:
         if code == 0 or "is not accepted" in out or "checkpoint" not in out:
             return f"exit {code}: {out.strip()[-600:]}"
         return None
+    if words[0] in PYTHONS and words[1:3] == ["-m", "imgcls.plot"]:
+        # In an empty directory the runs are absent: that must be the only complaint.
+        code, out = call(module_main("imgcls.plot"), words[3:])
+        if run:
+            return None if code == 0 else f"exit {code}: {out.strip()[-600:]}"
+        return None if code == 2 and "has no metrics.jsonl" in out else f"exit {code}: {out.strip()[-600:]}"
     if words[0] == "make":
         target = next((w for w in words[1:] if "=" not in w), "help")
         if target not in make_targets():
