@@ -23,11 +23,10 @@ LAYERS = (
         "precision",
     ),  # the run directory's lock; dataset files, archives and the tensor cache
     ("exits", "step"),  # exit codes, one-line errors, the stop request; one optimizer step
-    ("data", "loader", "averaging", "sweep"),  # datasets; the device loader; EMA/SWA; the sweep summary
-    ("schedule",),  # schedule lengths, steps per epoch, when the scheduler steps
+    ("data", "loader", "averaging", "plot"),  # datasets; the device loader; EMA/SWA; pictures of runs
+    ("schedule", "sweep"),  # schedule lengths, steps per epoch, scheduler stepping; the sweep summary
     ("config",),  # composition, its messages, validation
     ("checkpoint", "loggers", "preview"),  # checkpoints and resume; metric trackers; the schedule preview
-    ("plot",),  # pictures of runs (curves.png)
     ("evaluate", "reporting"),  # scoring a model or checkpoint; what a run prints and logs
     ("results", "predict"),  # the final test and results.json; predictions for new images
 )

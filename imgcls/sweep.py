@@ -30,6 +30,7 @@ from omegaconf import DictConfig
 
 from imgcls.exits import EXIT_WRITE_FAULT, JobFailed
 from imgcls.io import WriteFault, write_text_atomic
+from imgcls.plot import curves_png, read_metrics
 
 FAILED_JOBS = 0  # failed jobs of the multirun in this process, once its table is printed (train.py exits 1)
 
@@ -148,6 +149,14 @@ def write_summary(sweep_dir: Path, rows: list[dict]) -> None:
     writer.writerows(rows)
     for name, text in (("summary.csv", buf.getvalue()), ("summary.md", markdown_table(rows) + "\n")):
         write_text_atomic(sweep_dir / name, text, "the sweep summary")
+    runs = {r["overrides"] or r["job"]: sweep_dir / r["job"] / "metrics.jsonl" for r in rows}
+    runs = {label: read_metrics(path.parent) for label, path in runs.items() if path.is_file()}
+    try:
+        png = curves_png(runs) if runs else None  # every job's curves, labelled by its overrides
+    except ImportError:  # matplotlib is optional: the table is the summary
+        png = None
+    if png is not None:
+        write_text_atomic(sweep_dir / "summary.png", png, "the sweep summary")
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -28,6 +29,8 @@ def test_joblib_two_parallel_jobs(tmp_path):
         assert json.loads((sweep / job / "results.json").read_text())["steps"] == 8
     rows = (sweep / "summary.csv").read_text().splitlines()[1:]
     assert len(rows) == 2 and all(",completed," in r for r in rows)
+    if importlib.util.find_spec("matplotlib"):  # every job's curves, labelled by its overrides
+        assert (sweep / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow
