@@ -57,9 +57,45 @@ def list_images(spec) -> list[Path]:
     return files
 
 
-def predict(args: dict) -> dict:
+def read_images(files: list, size: tuple[int, int], resized: list) -> tuple[list, list, list]:
+    """(names, uint8 [H, W, 3] arrays, (file, skipped-line) pairs) of ``files``, each resized to
+    ``size`` (w, h) when it differs (appended to ``resized``; the first one is said once)."""
     from PIL import Image
 
+    w, h = size
+    names, arrays, bad = [], [], []
+    for file in files:
+        try:
+            with Image.open(file) as im:
+                im = im.convert("RGB")
+                if im.size != (w, h):
+                    if not resized:
+                        print(
+                            f"resizing images of another size to the training size {w}x{h} "
+                            f"(first: {file}, {im.size[0]}x{im.size[1]})",
+                            flush=True,
+                        )
+                    resized.append(file)
+                    im = im.resize((w, h), Image.BILINEAR)
+                arrays.append(np.asarray(im, dtype=np.uint8))
+            names.append(file)
+        except Exception as e:  # one bad file must not stop the others
+            bad.append((str(file), f"skipped {file}: not a readable image ({type(e).__name__}: {e})"))
+    return names, arrays, bad
+
+
+def top_k(model, x: torch.Tensor, k: int, precision: str, tta_flip: bool) -> tuple[list, list]:
+    """The ``k`` most probable classes of each image of ``x`` (softmax of the logits, averaged with
+    the mirror image's under ``tta_flip``), as (probabilities, class indices) lists."""
+    with torch.no_grad(), autocast(x.device, precision):
+        logits = model(x).float()
+        if tta_flip:
+            logits = (logits + model(x.flip(-1)).float()) / 2
+    top_p, top_i = logits.softmax(1).topk(k, dim=1)
+    return top_p.cpu().tolist(), top_i.cpu().tolist()
+
+
+def predict(args: dict) -> dict:
     device = pick_device(args["device"], key="device")
     path = resolve_checkpoint(args["checkpoint"])
     files = list_images(args["images"])
@@ -80,32 +116,16 @@ def predict(args: dict) -> dict:
     out = Path(args["out"])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # becomes out once an image was predicted
-    skipped, resized, written = [], 0, 0
+    skipped, resized, written = [], [], 0  # resized: the files read at another size
     held = []  # skipped-file lines before the first readable image: none readable -> one error line
     try:
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["file", "class", "probability", f"top{k}"])
             for lo in range(0, len(files), batch):
-                names, arrays = [], []
-                for file in files[lo : lo + batch]:
-                    try:
-                        with Image.open(file) as im:
-                            im = im.convert("RGB")
-                            if im.size != (w, h):
-                                if resized == 0:
-                                    print(
-                                        f"resizing images of another size to the training size {w}x{h} "
-                                        f"(first: {file}, {im.size[0]}x{im.size[1]})",
-                                        flush=True,
-                                    )
-                                resized += 1
-                                im = im.resize((w, h), Image.BILINEAR)
-                            arrays.append(np.asarray(im, dtype=np.uint8))
-                        names.append(file)
-                    except Exception as e:  # one bad file must not stop the others
-                        held.append(f"skipped {file}: not a readable image ({type(e).__name__}: {e})")
-                        skipped.append(str(file))
+                names, arrays, bad = read_images(files[lo : lo + batch], (w, h), resized)
+                held += [line for _, line in bad]
+                skipped += [file for file, _ in bad]
                 if not arrays:
                     continue
                 for line in held:  # an image was readable: the skipped ones are named as usual
@@ -113,13 +133,7 @@ def predict(args: dict) -> dict:
                 held = []
                 x = torch.from_numpy(np.stack(arrays)).to(device).permute(0, 3, 1, 2)
                 x = (x.float() / 255 - mean) / std
-                with torch.no_grad(), autocast(device, precision):
-                    logits = model(x).float()
-                    if cfg.trainer.tta_flip:
-                        logits = (logits + model(x.flip(-1)).float()) / 2
-                probs = logits.softmax(1)
-                top_p, top_i = probs.topk(k, dim=1)
-                top_p, top_i = top_p.cpu().tolist(), top_i.cpu().tolist()
+                top_p, top_i = top_k(model, x, k, precision, bool(cfg.trainer.tta_flip))
                 for name, ps, ids in zip(names, top_p, top_i):
                     writer.writerow(
                         [
@@ -145,7 +159,7 @@ def predict(args: dict) -> dict:
         "out": str(out),
         "written": written,
         "skipped": skipped,
-        "resized": resized,
+        "resized": len(resized),
     }
 
 
