@@ -302,8 +302,8 @@ class Loop:
         # "best": the EMA weights' accuracy when EMA is on (they are the weights reported), else the raw ones'
         self.monitor = f"ema_{self.split}_acc" if self.averaging.ema is not None else f"{self.split}_acc"
         self.improved = False  # the epoch's evaluation beat the best so far (best.pt is due)
-        self.loss_fn = training_loss(self.t)  # imgcls/loss.py: the one loss definition
         t = self.t
+        self.loss_fn = training_loss(t)  # imgcls/loss.py: the one loss definition
         self.settings = StepSettings(
             self.precision, run.extras.scaler, t.grad_clip_norm, t.skip_nonfinite, t.accumulate_grad_batches
         )

@@ -42,7 +42,9 @@ def train_step(net, optimizer, loss_fn, x, y, settings: StepSettings) -> object:
         sync = contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync()
         with sync:
             with autocast(x.device, settings.precision):
-                loss = loss_fn(net(xc), yc) * (len(yc) / len(y))  # x1.0 (exact) without accumulation
+                loss = loss_fn(net(xc), yc)
+                if len(chunks) > 1:  # each micro-batch's share; no extra kernel in the common case
+                    loss = loss * (len(yc) / len(y))
             if settings.skip_nonfinite and not torch.isfinite(loss):
                 optimizer.zero_grad(set_to_none=True)  # drop the micro-batches already summed
                 return None
