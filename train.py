@@ -159,7 +159,7 @@ def load_data(cfg: DictConfig, device, dist) -> Data:
     import torch
 
     from imgcls.data import describe, load_configured
-    from imgcls.loader import Augment, BatchFormat, DeviceLoader
+    from imgcls.loader import BatchFormat, DeviceLoader
     from imgcls.schedule import batches_per_epoch
     from imgcls.splits import balanced_order, val_indices
 
@@ -173,15 +173,14 @@ def load_data(cfg: DictConfig, device, dist) -> Data:
             f"trainer.batch_size: {t.batch_size} is not divisible by the {dist.world} rank(s) x "
             f"trainer.accumulate_grad_batches={t.accumulate_grad_batches} (equal micro-batches on every rank)"
         )
-    side = min(ds.train_images.shape[-2:])
-    if d.crop_padding >= side:
-        raise ValueError(
-            f"data.crop_padding: {d.crop_padding} is not accepted for {side}-px images; expected an int in "
-            f"[0, {side - 1}] (the reflect padding must be smaller than the image)"
-        )
+    side, a = min(ds.train_images.shape[-2:]), cfg.augment
+    for key, value, top in (("crop_padding", a.crop_padding, side - 1), ("cutout", a.cutout, side)):
+        if value > top:
+            raise ValueError(f"augment.{key}: {value} is not accepted for {side}-px images; expected an int in [0, {top}]")
     channels_last = device_switch(t.channels_last, device)  # NHWC feeds the tensor cores without transposes
     fmt = BatchFormat(ds.mean, ds.std, channels_last, torch.float32)
-    augment = Augment(t.seed, d.crop_padding, d.flip, d.alternating_flip)
+    with config_errors("augment"):  # a bad augment.batch value is refused here, before any step
+        augment = hydra.utils.instantiate(cfg.augment, seed=t.seed, num_classes=len(ds.classes))
     # batch_size is global: under torchrun rank r takes images r::N of each batch
     train = DeviceLoader(train_images, train_labels, t.batch_size, device, fmt, augment, shard=(dist.rank, dist.world))
 

@@ -235,11 +235,12 @@ def compose(overrides: list[str]):
 # --------------------------------------------------------------------------------------
 def make_loaders(cfg, ds, device: torch.device, batch: int, eval_batch: int):
     """Train and test DeviceLoaders as train.load_data makes them (dataset moved to device)."""
-    from imgcls.loader import Augment, BatchFormat, DeviceLoader
+    import hydra
 
-    d = cfg.data
+    from imgcls.loader import BatchFormat, DeviceLoader
+
     fmt = BatchFormat(ds.mean, ds.std, channels_last=device.type == "cuda")
-    augment = Augment(cfg.trainer.seed, d.crop_padding, d.flip, d.alternating_flip)
+    augment = hydra.utils.instantiate(cfg.augment, seed=cfg.trainer.seed, num_classes=len(ds.classes))
     train = DeviceLoader(ds.train_images, ds.train_labels, batch, device, fmt, augment)
     test = DeviceLoader(ds.test_images, ds.test_labels, eval_batch, device, fmt)
     return train, test

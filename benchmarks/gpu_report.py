@@ -67,7 +67,7 @@ SMOKE_RECIPE = [
 ]
 ABLATIONS = {  # name: the override that turns the trick off
     "label smoothing off": "trainer.label_smoothing=0",
-    "alternating flip off (random flips)": "data.alternating_flip=false",
+    "alternating flip off (random flips)": "augment.alternating_flip=false",
     "flip TTA off": "trainer.tta_flip=false",
     "channels_last off": "trainer.channels_last=false",
 }

@@ -15,7 +15,7 @@ where they are used, so a run that does not use them does not pay for them.
 
 # Bottom to top (tests/test_layers.py checks every import against this table).
 LAYERS = (
-    ("io", "schema", "splits", "models", "loss", "distributed"),  # no project imports
+    ("io", "schema", "splits", "models", "loss", "augment", "distributed"),  # no project imports
     (
         "runlock",
         "datastore",

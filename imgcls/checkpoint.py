@@ -510,7 +510,7 @@ def checkpoint_due(t, state: State) -> bool:
 # --------------------------------------------------------------------------------------
 # Resume: which config changes a checkpoint tolerates.
 # --------------------------------------------------------------------------------------
-STRUCTURAL = ("model", "optimizer", "scheduler", "schedule.interval", "data")
+STRUCTURAL = ("model", "optimizer", "scheduler", "schedule.interval", "data", "augment")
 SAFE_DATA_KEYS = ("data.dataset.root", "data.dataset.download")  # where the same data lives
 
 
@@ -531,7 +531,7 @@ def check_resume_config(ckpt: dict, cfg: DictConfig, path) -> None:
     structural, safe = config_changes(saved, OmegaConf.to_container(cfg, resolve=False, enum_to_str=True))
     if structural and not cfg.resume_force:
         raise ValueError(
-            f"resume: {path} was written with a different model/optimizer/scheduler/data config; "
+            f"resume: {path} was written with a different model/optimizer/scheduler/data/augment config; "
             f"differing keys: {', '.join(structural)}. Start a new run directory, or pass "
             f"resume_force=true to load it anyway."
         )

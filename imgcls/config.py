@@ -449,7 +449,8 @@ def validate_config(cfg: DictConfig) -> None:
     _int_at_least(cfg, "trainer.seed", 0)
     _int_at_least(cfg, "trainer.limit_train_batches", 1, optional=True)
     _int_at_least(cfg, "trainer.limit_eval_batches", 1, optional=True)
-    _int_at_least(cfg, "data.crop_padding", 0)
+    _int_at_least(cfg, "augment.crop_padding", 0)  # and < the image size: train.py, once the data is known
+    _int_at_least(cfg, "augment.cutout", 0)
     # trainer.device, trainer.precision, schedule.interval: typed (imgcls/schema.py), refused at composition
     for key in SWITCHES:
         _switch(cfg, key)

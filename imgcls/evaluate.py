@@ -204,8 +204,8 @@ def default_out(path: Path, name: str) -> Path:
     return run_dir / "eval" / name
 
 
-# data.* keys that say where the same data lives, or how training augmented it: split=val may change them
-WHERE_DATA_LIVES = ("dataset.root", "dataset.download", "dataset.path", "crop_padding", "flip", "alternating_flip")
+# data.* keys that say where the same data lives: split=val may change them
+WHERE_DATA_LIVES = ("dataset.root", "dataset.download", "dataset.path")
 
 
 def check_val_overrides(d, data_overrides: dict) -> None:

@@ -1,10 +1,9 @@
 """The device loader: a split as one uint8 tensor on the training device, batched,
 augmented and normalised there with tensor ops (no per-image Python, no worker processes).
 
-``Augment`` holds a training split's per-epoch randomness (the order and the per-image crop
-and flip: ``data.crop_padding``, ``data.flip``, ``data.alternating_flip``, ``trainer.seed``),
-``BatchFormat`` what a batch looks like (mean/std, dtype, memory format); train.py builds both
-from the config in one place (``load_data``).
+``Augment`` (imgcls/augment.py, the ``augment`` config group) holds a training split's
+augmentation, ``BatchFormat`` what a batch looks like (mean/std, dtype, memory format); train.py
+builds both from the config in one place (``load_data``).
 """
 
 from __future__ import annotations
@@ -15,16 +14,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-
-@dataclass(frozen=True)
-class Augment:
-    """A training split's randomness: seeded by (seed, epoch), so a resumed run draws the same."""
-
-    seed: int = 0  # trainer.seed
-    crop_padding: int = 4  # random translation, px (reflect padding)
-    flip: bool = True  # random horizontal flip, p=0.5
-    alternating_flip: bool = False  # airbench: each image flipped in one of every two epochs
-    drop_last: bool = True  # drop the last, short batch of an epoch
+from imgcls.augment import Augment
 
 
 @dataclass(frozen=True)
@@ -55,9 +45,12 @@ class DeviceLoader:
     ``augment`` (a training split): each epoch is a permutation of all images (``len``
     batches; the last, short one dropped when ``augment.drop_last``), each image translated by
     (dx, dy) in ``[-crop_padding, crop_padding]`` px (a crop of the reflect-padded image) and,
-    with ``flip``, mirrored left-right with p=0.5. All of an epoch's random numbers are drawn on
-    the CPU from a generator seeded by ``(seed, epoch)`` and moved to the device once, so
-    batches are bit-identical for the same (seed, epoch) whatever ran before.
+    with ``flip``, mirrored left-right with p=0.5, and with ``cutout`` a square of that side
+    around a random centre set to 0 after normalisation. All of an epoch's per-image random
+    numbers are drawn on the CPU from a generator seeded by ``(seed, epoch)`` and moved to the
+    device once; ``augment.mix`` (MixUp/CutMix) then runs on each batch under the global RNG
+    seeded by ``(seed, epoch, batch)``. So batches are bit-identical for the same (seed, epoch,
+    batch) whatever ran before, and a resumed run draws what an uninterrupted one drew.
     ``alternating_flip``: flips follow airbench's scheme instead: in epoch 2k a random half
     of the images (drawn from ``(seed, k)``) is flipped, in epoch 2k+1 exactly the others.
     ``augment=None`` (an evaluation split): all images in order, no augmentation; the last
@@ -67,7 +60,7 @@ class DeviceLoader:
     data order).
 
     x: ``fmt.dtype`` ``[B, C, H, W]``, ``(pixel/255 - mean) / std``, channels_last if asked.
-    y: int64 ``[B]``. Both on ``device``.
+    y: int64 ``[B]``, or float ``[B, num_classes]`` soft targets after MixUp/CutMix. On ``device``.
     """
 
     def __init__(
@@ -90,6 +83,7 @@ class DeviceLoader:
             "reflect padding needs crop_padding < image size"
         )
         assert augment is None or not augment.drop_last or batch_size <= n, "an epoch of no batches"
+        assert augment is None or 0 <= augment.cutout <= max(h, w), "cutout side in [0, image size]"
         self.device = torch.device(device)
         self.images, self.labels = images.to(self.device).contiguous(), labels.to(self.device)
         self.n, self.c, self.h, self.w = n, c, h, w
@@ -111,7 +105,8 @@ class DeviceLoader:
     def epoch_plan(self, epoch: int) -> dict[str, torch.Tensor]:
         """The epoch's random draws, on the CPU, indexed by image id (train only).
 
-        ``perm`` [N] (batch order), ``dx``, ``dy`` [N] px shifts, ``flip`` [N] bool.
+        ``perm`` [N] (batch order), ``dx``, ``dy`` [N] px shifts, ``flip`` [N] bool; with cutout,
+        ``cy``, ``cx`` [N] the square's centre (drawn last, so the other draws do not change).
         """
         a = self.augment
         g = torch.Generator().manual_seed(_epoch_seed("epoch", a.seed, int(epoch)))
@@ -130,7 +125,11 @@ class DeviceLoader:
                 flip = ~flip
         else:
             flip = flip_draw
-        return {"perm": perm, "dx": dx, "dy": dy, "flip": flip}
+        plan = {"perm": perm, "dx": dx, "dy": dy, "flip": flip}
+        if a.cutout:
+            plan["cy"] = torch.randint(0, self.h, (self.n,), generator=g)
+            plan["cx"] = torch.randint(0, self.w, (self.n,), generator=g)
+        return plan
 
     def _normalise(self, xb: torch.Tensor) -> torch.Tensor:
         x = xb.to(torch.float32).mul_(self._scale).add_(self._shift).to(self.fmt.dtype)
@@ -155,10 +154,21 @@ class DeviceLoader:
         perm = plan["perm"]
         for b in range(start, nb):
             idx = perm[b * bs : min((b + 1) * bs, self.n)][self.rank :: self.world]  # this rank's share
-            yield self._augment(idx, plan), self.labels[idx]
+            x, y = self._augment(idx, plan), self.labels[idx]
+            if self.augment.mix is not None:
+                x, y = self._mix(x, y, epoch, b)
+            yield x, y
+
+    def _mix(self, x: torch.Tensor, y: torch.Tensor, epoch: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch transform under the global RNG seeded by (seed, epoch, batch), restored after
+        (every rank draws the same, as one process drawing for the whole batch would)."""
+        devices = [self.device] if self.device.type != "cpu" else []
+        with torch.random.fork_rng(devices=devices, device_type=self.device.type):
+            torch.manual_seed(_epoch_seed("batch", self.augment.seed, epoch, batch))
+            return self.augment.mix(x, y)
 
     def _augment(self, idx: torch.Tensor, plan: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Crop (reflect-padded translation) + flip of images ``idx`` as two uint8 gathers."""
+        """Crop (reflect-padded translation) + flip of images ``idx`` as two uint8 gathers, then cutout."""
         x = self.images[idx]  # [B, C, H, W] uint8
         bsz, c, h, w = x.shape
         # out[i, j] = img[reflect(i + dy), reflect(j' + dx)], j' = W-1-j when flipped else j
@@ -166,5 +176,11 @@ class DeviceLoader:
         cols = torch.where(plan["flip"][idx].view(-1, 1), (w - 1) - self._ar_w.view(1, w), self._ar_w.view(1, w))
         cols = _reflect(cols + plan["dx"][idx].view(-1, 1), w)
         x = x.gather(2, rows.view(bsz, 1, h, 1).expand(bsz, c, h, w))
-        x = x.gather(3, cols.view(bsz, 1, 1, w).expand(bsz, c, h, w))
-        return self._normalise(x)
+        x = self._normalise(x.gather(3, cols.view(bsz, 1, 1, w).expand(bsz, c, h, w)))
+        s = self.augment.cutout
+        if s:  # rows/cols of each image's square: centre - s//2 .. centre - s//2 + s - 1, clipped
+            top, left = plan["cy"][idx].view(-1, 1) - s // 2, plan["cx"][idx].view(-1, 1) - s // 2
+            in_rows = (self._ar_h.view(1, h) >= top) & (self._ar_h.view(1, h) < top + s)
+            in_cols = (self._ar_w.view(1, w) >= left) & (self._ar_w.view(1, w) < left + s)
+            x = x.masked_fill(in_rows.view(bsz, 1, h, 1) & in_cols.view(bsz, 1, 1, w), 0.0)
+        return x

@@ -1,7 +1,9 @@
 """The loss: the one definition that training, evaluation and the benchmarks use (a fork that
 wants another loss changes it here).
 
-Cross-entropy on the logits. Training smooths the targets by ``trainer.label_smoothing``;
+Cross-entropy on the logits, against class indices or, after MixUp/CutMix (imgcls/augment.py),
+soft targets (class probabilities). Training smooths the targets by ``trainer.label_smoothing``
+(here only, once: ``(1 - e) * target + e / classes``, soft targets included);
 evaluation reports the plain cross-entropy (``label_smoothing=0``), so a run's test loss does
 not depend on its training smoothing and runs with different smoothing compare.
 """
@@ -17,7 +19,8 @@ import torch.nn.functional as F
 def classification_loss(
     logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0, reduction: str = "mean"
 ) -> torch.Tensor:
-    """Cross-entropy of ``logits`` [B, classes] against class indices ``targets`` [B]."""
+    """Cross-entropy of ``logits`` [B, classes] against class indices ``targets`` int64 [B] or
+    class probabilities float [B, classes]."""
     return F.cross_entropy(logits, targets, label_smoothing=label_smoothing, reduction=reduction)
 
 

@@ -85,14 +85,24 @@ class ScheduleConfig:
 @dataclass
 class DataConfig:
     """``data``: the dataset (a free-form ``_target_`` with its own keys, as a model is), and how
-    train.py splits and augments it (the same keys for every dataset)."""
+    train.py splits it (the same keys for every dataset)."""
 
     dataset: Any = MISSING
     val_size: Any = MISSING
     num_classes: Optional[int] = MISSING
+
+
+@dataclass
+class AugmentConfig:
+    """``augment``: imgcls.augment.Augment's keys; ``batch`` is free-form (a ``_target_`` built
+    with the data's ``num_classes``, e.g. imgcls.augment.mix)."""
+
+    _target_: str = MISSING
     crop_padding: int = MISSING
     flip: bool = MISSING
     alternating_flip: bool = MISSING
+    cutout: int = MISSING
+    batch: Any = MISSING
 
 
 @dataclass
@@ -100,6 +110,7 @@ class Config:
     """The top level."""
 
     data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: Any = MISSING
     optimizer: Any = MISSING
     scheduler: Any = MISSING

@@ -133,17 +133,17 @@ def test_resume_tolerates_where_the_data_lives_not_what_it_is():
     """config_changes on resume: data.dataset.root (and data.dataset.download) are safe, any other
     data key is structural (refused without resume_force), as model/optimizer/scheduler keys are."""
     cifar = {"_target_": "imgcls.data.cifar10", "root": "data", "download": True}
-    saved = {"data": {"dataset": cifar, "crop_padding": 4}, "trainer": {"epochs": 2}}
+    saved = {"data": {"dataset": cifar, "val_size": 0.1}, "trainer": {"epochs": 2}}
     moved = {
-        "data": {"dataset": {**cifar, "root": "/mnt/data", "download": False}, "crop_padding": 4},
+        "data": {"dataset": {**cifar, "root": "/mnt/data", "download": False}, "val_size": 0.1},
         "trainer": {"epochs": 3},
     }
     assert config_changes(saved, moved) == ([], ["data.dataset.download", "data.dataset.root", "trainer.epochs"])
     other = {
-        "data": {"dataset": {**cifar, "_target_": "imgcls.data.cifar100"}, "crop_padding": 2},
+        "data": {"dataset": {**cifar, "_target_": "imgcls.data.cifar100"}, "val_size": 0.2},
         "trainer": {"epochs": 2},
     }
-    assert config_changes(saved, other) == (["data.crop_padding", "data.dataset._target_"], [])
+    assert config_changes(saved, other) == (["data.dataset._target_", "data.val_size"], [])
 
 
 EXPERIMENTS = [o for g, o in OPTIONS if g == "experiment"]

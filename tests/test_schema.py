@@ -105,5 +105,7 @@ def test_a_default_is_written_once_values_in_conf_types_in_the_schema():
                 name = f"{prefix}.{key}" if prefix else key
                 if name not in filled_by_train_py:
                     assert not OmegaConf.is_missing(node, key), f"{name} has no value in conf/ (data={data})"
-        for key in ("val_size", "num_classes", "crop_padding", "flip", "alternating_flip"):
+        for key in ("val_size", "num_classes"):
             assert not OmegaConf.is_missing(cfg.data, key), f"data.{key} has no value in conf/ (data={data})"
+        for key in ("_target_", "crop_padding", "flip", "alternating_flip", "cutout", "batch"):
+            assert not OmegaConf.is_missing(cfg.augment, key), f"augment.{key} has no value in conf/"
