@@ -176,7 +176,9 @@ def load_data(cfg: DictConfig, device, dist) -> Data:
     side, a = min(ds.train_images.shape[-2:]), cfg.augment
     for key, value, top in (("crop_padding", a.crop_padding, side - 1), ("cutout", a.cutout, side)):
         if value > top:
-            raise ValueError(f"augment.{key}: {value} is not accepted for {side}-px images; expected an int in [0, {top}]")
+            raise ValueError(
+                f"augment.{key}: {value} is not accepted for {side}-px images; expected an int in [0, {top}]"
+            )
     channels_last = device_switch(t.channels_last, device)  # NHWC feeds the tensor cores without transposes
     fmt = BatchFormat(ds.mean, ds.std, channels_last, torch.float32)
     with config_errors("augment"):  # a bad augment.batch value is refused here, before any step
