@@ -79,6 +79,23 @@ def test_batch_transform_is_a_function_of_seed_epoch_and_batch_and_leaves_the_gl
     assert not torch.equal(other_batch[0], other_batch[1])  # each batch draws its own lam
 
 
+def test_a_forks_own_batch_transform_draws_per_seed_epoch_and_batch():
+    """A transform that draws from torch's global RNG (as a fork's own would) gets one stream per
+    (seed, epoch, batch): batches differ from each other, and are the same on a second pass."""
+
+    def noise(num_classes):
+        return lambda x, y: (x + torch.rand(()), y)  # one draw per batch, added to every pixel
+
+    def drawn(seed, epoch):
+        plain, noisy = _loader(Augment(seed=seed)), _loader(Augment(seed=seed, batch=noise, num_classes=4))
+        return [float((b - a).mean()) for (a, _), (b, _) in zip(_epoch(plain, epoch), _epoch(noisy, epoch))]
+
+    first = drawn(0, 1)
+    assert len(set(first)) == 3  # three batches, three draws
+    assert drawn(0, 1) == first
+    assert drawn(0, 2) != first and drawn(1, 1) != first
+
+
 def test_mix_refuses_alphas_in_one_line():
     for kwargs, says in (
         ({"mixup_alpha": -1}, "augment.batch.mixup_alpha: -1 is not accepted"),
