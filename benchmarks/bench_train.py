@@ -234,7 +234,7 @@ def compose(overrides: list[str]):
 # the recipe's pieces, built as train.py builds them
 # --------------------------------------------------------------------------------------
 def make_loaders(cfg, ds, device: torch.device, batch: int, eval_batch: int):
-    """Train and test DeviceLoaders as train.load_data makes them (dataset moved to device)."""
+    """Train and test DeviceLoaders as imgcls.build.load_data makes them (dataset moved to device)."""
     import hydra
 
     from imgcls.loader import BatchFormat, DeviceLoader
@@ -247,7 +247,7 @@ def make_loaders(cfg, ds, device: torch.device, batch: int, eval_batch: int):
 
 
 def build(cfg, device: torch.device):
-    """Model, optimizer and scheduler from cfg, as train.build_model/_optimizer/_scheduler."""
+    """Model, optimizer and scheduler from cfg, as imgcls.build.build_model/_optimizer/_scheduler."""
     import inspect
 
     import hydra
@@ -517,7 +517,7 @@ def main(argv=None) -> None:
     device = torch.device(s["device"])
     prov = provenance(device)
     print_header(prov, s)
-    if device.type == "cuda":  # as train.seed_everything (trainer.deterministic=false)
+    if device.type == "cuda":  # as imgcls.build.seed_everything (trainer.deterministic=false)
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -25,7 +25,7 @@ LAYERS = (
     ("exits", "step"),  # exit codes, one-line errors, the stop request; one optimizer step
     ("data", "loader", "averaging", "plot"),  # datasets; the device loader; EMA/SWA; pictures of runs
     ("schedule", "sweep"),  # schedule lengths, steps per epoch, scheduler stepping; the sweep summary
-    ("config",),  # composition, its messages, validation
+    ("config", "build"),  # composition, its messages, validation; what the config builds (seed ... scheduler)
     ("checkpoint", "loggers", "preview"),  # checkpoints and resume; metric trackers; the schedule preview
     ("evaluate", "reporting"),  # scoring a model or checkpoint; what a run prints and logs
     ("results", "predict"),  # the final test and results.json; predictions for new images

@@ -27,7 +27,7 @@ from typing import Callable
 
 @dataclass(frozen=True)
 class Augment:
-    """A training split's augmentation. Built from ``augment`` by train.py's ``load_data``
+    """A training split's augmentation. Built from ``augment`` by ``imgcls.build.load_data``
     (``seed`` = trainer.seed, ``num_classes`` from the data); ``mix`` is ``batch``'s transform,
     built here once (so a bad ``augment.batch`` value is refused before any step)."""
 

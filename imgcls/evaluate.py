@@ -102,7 +102,7 @@ def run_eval(net, batches, device, precision: str, tta_flip: bool, num_classes: 
 def evaluate_split(net, loader, t, device, precision: str, prefix: str = "test") -> dict:
     """Loss and accuracy on ``loader`` (a DeviceLoader; flip TTA if trainer ``t.tta_flip``) as
     ``{prefix}_loss``, ``{prefix}_acc``: train.py's evaluations and its final test.
-    trainer.limit_eval_batches is applied by train.load_data (a fixed, class-balanced subset)."""
+    trainer.limit_eval_batches is applied by imgcls.build.load_data (a fixed, class-balanced subset)."""
     r = run_eval(net, loader.epoch_batches(0), device, precision, t.tta_flip)
     return {f"{prefix}_loss": r["loss"], f"{prefix}_acc": r["acc"]}
 

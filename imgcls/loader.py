@@ -2,8 +2,8 @@
 augmented and normalised there with tensor ops (no per-image Python, no worker processes).
 
 ``Augment`` (imgcls/augment.py, the ``augment`` config group) holds a training split's
-augmentation, ``BatchFormat`` what a batch looks like (mean/std, dtype, memory format); train.py
-builds both from the config in one place (``load_data``).
+augmentation, ``BatchFormat`` what a batch looks like (mean/std, dtype, memory format); they are
+built from the config in one place (``imgcls.build.load_data``).
 """
 
 from __future__ import annotations

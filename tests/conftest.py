@@ -157,18 +157,17 @@ def assert_same_weights(a, b):
 def build_recipe(*overrides: str):
     """train.py's config, data, model, optimizer and scheduler for ``overrides``, built in this
     process exactly as train.recipe builds them (one process, no run directory)."""
-    import train
-    from imgcls import distributed
+    from imgcls import build, distributed
     from imgcls.config import compose_config, validate_config
     from imgcls.device import pick_device
 
     cfg = compose_config(list(overrides))[0]
     validate_config(cfg)
     device = pick_device(cfg.trainer.device)
-    data = train.load_data(cfg, device, distributed.Dist())
-    model = train.build_model(cfg, data.num_classes, device, data.info["size"])
-    optimizer = train.build_optimizer(cfg, model, device)
-    return cfg, device, data, model, optimizer, train.build_scheduler(cfg, optimizer)
+    data = build.load_data(cfg, device, distributed.Dist())
+    model = build.build_model(cfg, data.num_classes, device, data.info["size"])
+    optimizer = build.build_optimizer(cfg, model, device)
+    return cfg, device, data, model, optimizer, build.build_scheduler(cfg, optimizer)
 
 
 def run_recipe(run_dir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-import train
+from imgcls import build
 from imgcls.step import StepSettings, train_step
 from tests.conftest import build_recipe, metrics, run_train
 from tests.conftest import run_until_sigterm as _run_until_sigterm
@@ -53,7 +53,7 @@ def test_cuda_per_step_work_has_no_host_sync():
         "trainer.channels_last=auto",
         "trainer.fused=auto",
     )
-    train.seed_everything(cfg.trainer.seed, False, device)  # cudnn.benchmark, as a run sets it
+    build.seed_everything(cfg.trainer.seed, False, device)  # cudnn.benchmark, as a run sets it
     assert optimizer.param_groups[0]["fused"] is True
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.trainer.label_smoothing)
     loss_sum = torch.zeros((), device=device)

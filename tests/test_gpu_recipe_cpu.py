@@ -18,8 +18,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-import train
-from imgcls import distributed
+from imgcls import build, distributed
 from imgcls.config import compose_config
 from imgcls.device import device_switch, fused_argument
 from imgcls.evaluate import evaluate_split
@@ -182,7 +181,7 @@ def test_compiled_checkpoint_is_the_plain_model_and_loads_uncompiled(compiled_ru
     plain = instantiate(cfg.model)(num_classes=10)  # uncompiled, NCHW, fp32
     plain.load_state_dict(state)  # strict: every key matches
     # the loaded model scores what the run reported (eager vs compiled bf16 may flip an image or two)
-    data = train.load_data(cfg, torch.device("cpu"), distributed.Dist())
+    data = build.load_data(cfg, torch.device("cpu"), distributed.Dist())
     got = evaluate_split(plain, data.test, cfg.trainer, torch.device("cpu"), "bf16")
     reported = json.loads((compiled_run / "results.json").read_text())["final_test_acc"]
     assert abs(got["test_acc"] - reported) <= 3 / data.test.n, (got, reported)

@@ -171,16 +171,15 @@ def test_startup_failure_leaves_no_run_dir(tmp_path):
 
 
 def test_limited_evaluation_is_a_fixed_class_balanced_subset():
-    """trainer.limit_eval_batches takes a class-balanced subset of each evaluated split (train.py's
+    """trainer.limit_eval_batches takes a class-balanced subset of each evaluated split (imgcls.build's
     load_data), not its first images (a folder sorted by class would give its first classes)."""
-    import train
-    from imgcls import distributed
+    from imgcls import build, distributed
     from imgcls.config import compose_config
 
     overrides = ["experiment=smoke", "data.val_size=100", "trainer.limit_eval_batches=2", "trainer.eval_batch_size=10"]
     cfg, _ = compose_config(overrides)
-    data = train.load_data(cfg, torch.device("cpu"), distributed.init(use_cuda=False))
+    data = build.load_data(cfg, torch.device("cpu"), distributed.init(use_cuda=False))
     for loader in (data.val, data.test):
         assert torch.bincount(loader.labels, minlength=10).tolist() == [2] * 10  # 2 batches of 10
-    again = train.load_data(compose_config(overrides)[0], torch.device("cpu"), distributed.init(use_cuda=False))
+    again = build.load_data(compose_config(overrides)[0], torch.device("cpu"), distributed.init(use_cuda=False))
     assert torch.equal(again.test.labels, data.test.labels) and torch.equal(again.val.images, data.val.images)
