@@ -28,5 +28,5 @@ LAYERS = (
     ("config", "build"),  # composition, its messages, validation; what the config builds (seed ... scheduler)
     ("checkpoint", "loggers", "preview"),  # checkpoints and resume; metric trackers; the schedule preview
     ("evaluate", "reporting"),  # scoring a model or checkpoint; what a run prints and logs
-    ("results", "predict"),  # the final test and results.json; predictions for new images
+    ("results", "predict", "lr_find"),  # the final test and results.json; predictions for new images
 )

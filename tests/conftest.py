@@ -37,7 +37,15 @@ TIERS = {
         "test_averaging",
         "test_precision",
     ),
-    "integration": ("test_bad_input", "test_evaluate", "test_recipe", "test_docs", "test_accumulate"),
+    "integration": (
+        "test_bad_input",
+        "test_evaluate",
+        "test_recipe",
+        "test_docs",
+        "test_accumulate",
+        "test_augment",
+        "test_lr_find",
+    ),
     "system": (
         "test_train",
         "test_faults",

@@ -99,14 +99,16 @@ def train_cli(argv: list[str]) -> tuple[int, str]:
         sys.argv = saved
 
 
-def compose_preview(args: list[str]) -> tuple[int, str]:
-    """preview's options parse (its parser exits 2 on one it does not take) and its overrides compose."""
-    from imgcls.preview import parse_args
+def compose_preview(args: list[str], module: str = "imgcls.preview") -> tuple[int, str]:
+    """preview's (or lr_find's) options parse (its parser exits 2 on one it does not take) and its
+    overrides compose."""
+    import importlib
 
+    parse_args = importlib.import_module(module).parse_args
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            overrides = parse_args([*args, "--no-plot"]).overrides
+            overrides = parse_args([*args, "--no-plot"] if module == "imgcls.preview" else args).overrides
     except SystemExit as e:
         return e.code, err.getvalue()
     return compose(overrides)
@@ -130,11 +132,11 @@ def check(argv: list[str], run: bool, conf: Path) -> str | None:
         script = next(i for i, w in enumerate(words) if w.endswith(".py"))
         code, out = compose(words[script + 1 :])
         return None if code == 0 else f"exit {code}: {out.strip()[-600:]}"
-    if words[0] in PYTHONS and words[1:3] == ["-m", "imgcls.preview"]:
+    if words[0] in PYTHONS and words[1:2] == ["-m"] and words[2] in ("imgcls.preview", "imgcls.lr_find"):
         if run:
-            code, out = call(module_main("imgcls.preview"), words[3:])
+            code, out = call(module_main(words[2]), words[3:])
         else:
-            code, out = compose_preview(words[3:])
+            code, out = compose_preview(words[3:], words[2])
         return None if code == 0 else f"exit {code}: {out.strip()[-600:]}"
     if words[0] in PYTHONS and words[1:2] == ["-m"] and words[2] in ("imgcls.evaluate", "imgcls.predict"):
         code, out = call(module_main(words[2]), words[3:])
