@@ -62,6 +62,30 @@ def setup() -> None:
     register_resolvers()
     schema.register_configs()
     _memoize_help_group_options()
+    _reuse_preflight_mode()
+
+
+# (overrides, hydra.mode) of the command line preflight composed: Hydra's get_mode composes the
+# whole config again only to read hydra.mode (~0.3 s of every run on a 2-core CPU)
+_PREFLIGHT_MODE: list = []
+
+
+def _reuse_preflight_mode() -> None:
+    """Hydra's ``get_mode`` answers from preflight's composition of the same overrides (a plain
+    run; a multirun's preflight composes its first job only, so Hydra composes it again)."""
+    from hydra._internal.hydra import Hydra
+
+    if getattr(Hydra.get_mode, "_imgcls_reused", False):
+        return
+    original = Hydra.get_mode
+
+    def get_mode(self, config_name, overrides):
+        if _PREFLIGHT_MODE and config_name == "config" and _PREFLIGHT_MODE[0] == tuple(overrides):
+            return _PREFLIGHT_MODE[1]
+        return original(self, config_name, overrides)
+
+    get_mode._imgcls_reused = True
+    Hydra.get_mode = get_mode
 
 
 def _memoize_help_group_options() -> None:
@@ -289,6 +313,8 @@ def preflight(argv) -> None:
         return
     try:
         cfg, _ = compose_config(_one_job(args.overrides) if args.multirun else args.overrides, return_hydra_config=True)
+        if not args.multirun:
+            _PREFLIGHT_MODE[:] = [tuple(args.overrides), cfg.hydra.mode]
         check_filled_in(cfg)
         if args.multirun:
             check_sweeper_objective(cfg)

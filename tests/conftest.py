@@ -36,6 +36,7 @@ TIERS = {
         "test_splits",
         "test_averaging",
         "test_precision",
+        "test_startup",
     ),
     "integration": (
         "test_bad_input",
