@@ -37,7 +37,7 @@ from imgcls.exits import EXIT_BAD_INPUT, interrupted
 from imgcls.io import write_text_atomic
 from imgcls.loss import training_loss
 from imgcls.precision import make_scaler, resolve_precision
-from imgcls.preview import preview
+from imgcls.preview import OneLineParser, preview
 from imgcls.step import StepSettings, train_step
 
 BETA = 0.9  # the running average that decides when to stop (bias-corrected)
@@ -158,14 +158,8 @@ def plot_png(r: RangeTest, suggested: int, title: str) -> bytes:
     return buf.getvalue()
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2, like train.py's refusals
-        print(f"error: {message} (see python -m imgcls.lr_find --help)", file=sys.stderr, flush=True)
-        sys.exit(EXIT_BAD_INPUT)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = _Parser(
+    p = OneLineParser(
         prog="python -m imgcls.lr_find",
         description="The lr range test: a fresh model from the config trained while the lr grows "
         "exponentially; writes a plot and prints a suggested peak lr. Takes train.py's overrides.",

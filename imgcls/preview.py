@@ -291,9 +291,12 @@ def plot(s: Schedule, out: Path) -> None:
 # --------------------------------------------------------------------------------------
 # command line
 # --------------------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2, like train.py's refusals
-        print(f"error: {message} (see python -m imgcls.preview --help)", file=sys.stderr, flush=True)
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose refusals are one ``error:`` line and exit code 2, like train.py's (the
+    preview's and the lr finder's)."""
+
+    def error(self, message):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
         sys.exit(EXIT_BAD_INPUT)
 
 
@@ -308,7 +311,7 @@ def _positive_int(text: str) -> int:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = _Parser(
+    p = OneLineParser(
         prog="python -m imgcls.preview",
         description="Draw the learning rate per step of the configured schedule (no training, no data "
         "loading). Takes the same Hydra overrides as train.py.",
