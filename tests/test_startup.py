@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from hydra._internal.hydra import Hydra
+from hydra.core.global_hydra import GlobalHydra
 
 from imgcls import config
 from imgcls.config import preflight, setup
@@ -40,6 +41,9 @@ def test_other_overrides_and_a_multirun_are_composed_by_hydra_as_before(composed
     assert config._PREFLIGHT_MODE == []  # a multirun's preflight composes its first job only
     config._PREFLIGHT_MODE[:] = [("experiment=smoke",), None]
     hydra = Hydra.create_main_hydra_file_or_module(None, str(config.CONF_DIR), "config", "train")
-    before = len(composed)
-    assert hydra.get_mode(config_name="config", overrides=["experiment=smoke", "trainer.epochs=3"]) is None
-    assert len(composed) == before + 1  # Hydra's own get_mode
+    try:
+        before = len(composed)
+        assert hydra.get_mode(config_name="config", overrides=["experiment=smoke", "trainer.epochs=3"]) is None
+        assert len(composed) == before + 1  # Hydra's own get_mode
+    finally:
+        GlobalHydra.instance().clear()  # created above: the next composition initialises its own
