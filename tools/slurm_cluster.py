@@ -10,7 +10,8 @@ every file under one directory, stopped by their PIDs.
 Needs the Debian packages ``slurmctld slurmd slurm-client munge`` (SLURM 22.05 is what it was
 written against) and root (the daemons run as root: ``SlurmUser=root``). The directory is
 ``$IMGCLS_SLURM_DIR``, else /tmp/imgcls-slurm. The node is this machine (its CPUs and a bit less
-memory than it has), one partition ``debug``, no accounting, jobs requeued on request
+memory than it has), one partition ``debug`` whose CPUs up to 4 jobs may share (the tests'
+jobs mostly wait: they run side by side), no accounting, jobs requeued on request
 (``JobRequeue=1``). Without accounting ``sacct`` fails, and submitit (the launcher) would
 never see a job end that wrote no result (a job stopped by a signal): the ``bin/sacct`` written
 here answers submitit's question (``sacct -o JobID,State,NodeList --parsable2 -j IDS``) from
@@ -118,7 +119,7 @@ AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={node_memory_mb()} State=UNKNOWN
-PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
+PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 """
 
 
