@@ -11,7 +11,7 @@ submitted at once by the module's first fixture and each test then waits for its
   after the start, SLURM checks every 30 s): train.py checkpoints at the next step boundary,
   submitit requeues it, and the requeued job resumes at that step and ends with the metrics of
   an uninterrupted run (the test raises the requeued job's limit so that one more run finishes
-  it: without that a second warning would requeue it again, 2 more minutes);
+  it, and lifts SLURM's 2-minute hold of it: the preempted job shows that hold is waited out);
 - a preempted job (`scontrol requeue`: SIGTERM, exit 143, SLURM requeues it) likewise;
 - `srun -n2 python train.py`: one 2-rank job, one results.json;
 - a request no node can hold: refused in one line before anything is submitted.
@@ -152,7 +152,8 @@ def preempt_at_step_40(sweep: Path, env: dict, seen: dict) -> None:
 def lift_limit_after_requeue(sweep: Path, env: dict, seen: dict) -> None:
     """Once the time-limit warning stopped the job (status.json) and submitit requeued it
     (PENDING): its limit raised so that one more run finishes it (a second warning would cost
-    another requeue, 2 more minutes)."""
+    another requeue), and SLURM's 2-minute hold of a requeued job lifted (StartTime=now; the
+    preempted job waits it out, beside this one)."""
     try:
         seen["timelimit_status"] = wait_until(lambda: (st := status_of(sweep / "0")) and st, 240, "")
         ids = job_ids(sweep)
@@ -164,7 +165,7 @@ def lift_limit_after_requeue(sweep: Path, env: dict, seen: dict) -> None:
 
         wait_until(pending, 60, "")
         subprocess.run(
-            ["scontrol", "update", f"JobId={ids[0]}", "TimeLimit=15"],
+            ["scontrol", "update", f"JobId={ids[0]}", "TimeLimit=15", "StartTime=now"],
             env=env,
             check=True,
             timeout=30,
