@@ -118,7 +118,7 @@ def started(cluster, tmp_path_factory):
     ]
     for w in watchers:
         w.start()
-    yield procs, seen
+    yield procs, seen, {"preempt": watchers[0], "timelimit": watchers[1]}
     for proc, _ in procs.values():
         if proc.poll() is None:
             proc.kill()
@@ -239,10 +239,7 @@ def test_two_job_sweep_through_the_launcher_lists_both_jobs(started):
     assert len(rows) == 3, rows  # the header and one row per job
     assert "optimizer.lr=0.1" in rows[1] and "optimizer.lr=0.05" in rows[2]
     assert all(",completed," in row for row in rows[1:]), rows
-    for job in ("0", "1"):
-        results = json.loads((sweep / job / "results.json").read_text())
-        # wall_seconds is the job's process's own: not the launcher's, which ran before submitting
-        assert results["wall_seconds"] < results["train_seconds"] + 60, results
+    assert all((sweep / job / "results.json").exists() for job in ("0", "1"))
 
 
 @pytest.mark.slurm
@@ -250,6 +247,7 @@ def test_two_job_sweep_through_the_launcher_lists_both_jobs(started):
 def test_preempted_job_checkpoints_is_requeued_and_resumes_to_the_same_metrics(started):
     code, log = finish(started, "preempt")
     sweep, seen = started[0]["preempt"][1], started[1]
+    started[2]["preempt"].join(timeout=60)  # what the watcher saw, complete
     assert "preempt_error" not in seen, seen
     status = seen["preempt_status"]  # while it was stopped: SIGTERM, a checkpoint, exit 143
     assert status["status"] == "stopped" and status["error"].startswith("SIGTERM at step "), status
@@ -268,6 +266,7 @@ def test_preempted_job_checkpoints_is_requeued_and_resumes_to_the_same_metrics(s
 def test_time_limit_warning_checkpoints_requeues_and_resumes_to_the_same_metrics(started):
     code, log = finish(started, "timelimit")
     sweep, seen = started[0]["timelimit"][1], started[1]
+    started[2]["timelimit"].join(timeout=60)
     assert "timelimit_error" not in seen, seen
     status = seen["timelimit_status"]  # while it waited in the queue: SIGUSR2, a checkpoint, submitit's requeue
     assert status["status"] == "stopped" and status["error"].startswith("SIGUSR2 at step "), status
@@ -301,7 +300,12 @@ def test_srun_two_tasks_is_one_two_rank_run_with_one_results_file(cluster, tmp_p
 def test_a_request_no_node_can_hold_is_refused_before_submitting(cluster, tmp_path):
     sweep = tmp_path / "sweep"
     args = (*LAUNCHER, "hydra.launcher.cpus_per_task=4096", "experiment=smoke", f"hydra.sweep.dir={sweep}")
-    out = subprocess.run(train("-m", *args), env=cluster, capture_output=True, text=True, timeout=120)
+    try:
+        out = subprocess.run(train("-m", *args), env=cluster, capture_output=True, text=True, timeout=120)
+    finally:  # a job submitted all the same would wait in the queue for ever
+        ids = {i.split("_")[0] for i in job_ids(sweep)}
+        if ids:
+            subprocess.run(["scancel", *sorted(ids)], env=cluster, capture_output=True, timeout=30)
     assert out.returncode == 2, out.stdout + out.stderr
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "hydra.launcher.cpus_per_task: 4096" in errors[0], out.stderr
@@ -445,3 +449,21 @@ def test_no_module_global_holds_a_lock_or_a_descriptor_after_a_run(tmp_path):
         if isinstance(v, bound) or (isinstance(v, (list, tuple, dict)) and any(isinstance(x, bound) for x in v))
     ]
     assert found == []
+
+
+@pytest.mark.slow
+def test_wall_seconds_counts_from_the_process_start(tmp_path):
+    """results.json's wall_seconds is the process's, from its start as the kernel recorded it:
+    the 3 s the process slept before train.py (and imgcls.results) was even imported are in
+    it. Bound without a clock of its own: it is at least the time from the process's first
+    statement to the last line of metrics.jsonl, which is written before results.json."""
+    run, started_at = tmp_path / "run", tmp_path / "started_at"
+    code = (
+        "import sys, time; open(sys.argv[1], 'w').write(repr(time.time())); time.sleep(3); "
+        "import runpy; sys.argv = sys.argv[2:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    args = [str(started_at), str(ROOT / "train.py"), "experiment=smoke", "trainer.epochs=1", f"hydra.run.dir={run}"]
+    out = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    wall = json.loads((run / "results.json").read_text())["wall_seconds"]
+    assert wall >= (run / "metrics.jsonl").stat().st_mtime - float(started_at.read_text()), wall
