@@ -13,7 +13,7 @@ submitted at once by the module's first fixture and each test then waits for its
   an uninterrupted run (the test raises the requeued job's limit so that one more run finishes
   it, and lifts SLURM's 2-minute hold of it: the preempted job shows that hold is waited out);
 - a preempted job (`scontrol requeue`: SIGTERM, exit 143, SLURM requeues it) likewise;
-- `srun -n2 python train.py`: one 2-rank job, one results.json;
+- `srun -n2 python train.py`, and the launcher with `tasks_per_node=2`: one 2-rank job, one results.json;
 - a request no node can hold: refused in one line before anything is submitted.
 
 Without a cluster (every machine): what SLURM's signals meet in train.py, with the signal sent
@@ -293,6 +293,18 @@ def test_srun_two_tasks_is_one_two_rank_run_with_one_results_file(cluster, tmp_p
     assert out.stdout.count("done: test accuracy") == 1
     assert sorted(p.name for p in tmp_path.rglob("results.json")) == ["results.json"]
     assert json.loads((run / "results.json").read_text())["steps"] == 16  # 2 epochs x 8 global batches
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_the_launcher_with_two_tasks_per_node_runs_one_two_rank_job(cluster, tmp_path):
+    sweep = tmp_path / "sweep"
+    args = (*LAUNCHER, "hydra.launcher.tasks_per_node=2", "experiment=smoke", f"hydra.sweep.dir={sweep}")
+    out = subprocess.run(train("-m", *args), env=cluster, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "x 2 ranks" in job_log(sweep), job_log(sweep)[-3000:]  # rank 0's output
+    assert ",completed," in (sweep / "summary.csv").read_text().splitlines()[1]
+    assert json.loads((sweep / "0" / "results.json").read_text())["steps"] == 16
 
 
 @pytest.mark.slurm
