@@ -125,18 +125,40 @@ class SignalStop(BaseException):
         (``max_num_timeout`` times at most) and exits; the requeued job resumes (resume=auto)."""
         if self.phase != "training":  # the loop said its line already
             print(f"{self}; exiting", flush=True)
-        from imgcls import sweep
-
         requeue = self.name == "SIGUSR2" and callable(self.launcher)
-        sweep.record_stop(run_dir, f"{self} ({'requeue asked of the launcher' if requeue else f'exit {self.code}'})")
+        record_stop(run_dir, f"{self} ({'requeue asked of the launcher' if requeue else f'exit {self.code}'})")
         if requeue:
             try:
                 self.launcher(signal.SIGUSR2, None)  # submitit: requeue, then sys.exit
             except Exception as e:  # noqa: BLE001 - submitit says why it did not requeue (max_num_timeout)
                 why = one_line(e)
                 print(f"{self.name}: not requeued: {why}", flush=True)
-                sweep.record_stop(run_dir, f"{self}; not requeued: {why} (exit {self.code})")
+                record_stop(run_dir, f"{self}; not requeued: {why} (exit {self.code})")
         sys.exit(self.code)
+
+
+def record_stop(run_dir: Path | None, message: str) -> None:
+    """A job of a multirun stopped by a signal (imgcls.exits.SignalStop): status.json says
+    ``stopped`` and why, so the summary lists it; Hydra's on_job_end never runs for it (the
+    process exits with the signal's code, or submitit requeues it). A requeued job that then
+    finishes replaces it with ``completed`` (imgcls/sweep.py reads them all). Rank 0 only;
+    nothing outside a multirun."""
+    import json
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from imgcls.io import WriteFault, write_text_atomic
+
+    if run_dir is None or not HydraConfig.initialized() or str(HydraConfig.get().mode) != "RunMode.MULTIRUN":
+        return
+    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0) != 0:
+        return
+    status = {"overrides": list(HydraConfig.get().overrides.task), "status": "stopped", "error": message}
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / "status.json", json.dumps(status) + "\n", "the job status")
+    except (OSError, WriteFault) as e:  # the exit code says the rest; the summary shows it unfinished
+        print(f"warning: could not write {run_dir / 'status.json'}: {e}", file=sys.stderr, flush=True)
 
 
 class StopRequest:

@@ -3,10 +3,10 @@
 Each job writes ``status.json`` into its own directory when it ends (in whatever process the
 launcher ran it), and at the end of the multirun the callback reads every job directory of
 the sweep and writes ``summary.csv`` and ``summary.md`` there, and prints the table. A failed
-job is listed as failed, with its error; it does not stop the others. A job stopped by a signal
-and not requeued (SLURM) is listed as stopped, with the step its checkpoint holds
-(``record_stop``); a job directory with no status at all (killed) as unfinished. A job train.py refused
-(bad input, exit code 2 alone; a NaN loss, 3; a write fault, 4) prints the same one ``error:``
+job is listed as failed, with its error; it does not stop the others. A job stopped by a
+signal and not requeued (SLURM) is listed as stopped, with the step its checkpoint holds
+(``imgcls.exits.record_stop``); a job directory with no status at all (killed) as unfinished.
+A job train.py refused (bad input, exit code 2 alone; a NaN loss, 3; a write fault, 4) prints the same one ``error:``
 line as a single run and returns a ``JobFailed``; once every job ran, train.py exits 1
 (``FAILED_JOBS``). Any other error reaches Hydra, which ends the multirun with it (exit code 1)
 and never calls ``on_multirun_end``: the table is printed at exit instead, after Hydra's
@@ -23,7 +23,6 @@ import atexit
 import csv
 import io
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -126,25 +125,6 @@ class SweepSummary(Callback):
             flush=True,
         )
         self._printed = True
-
-
-def record_stop(run_dir: Path | None, message: str) -> None:
-    """A job of a multirun stopped by a signal (imgcls.exits.SignalStop): status.json says
-    ``stopped`` and why, so the summary lists it; Hydra's on_job_end never runs for it (the
-    process exits with the signal's code, or submitit requeues it). A requeued job that then
-    finishes replaces it with ``completed``. Rank 0 only; nothing outside a multirun."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if run_dir is None or not HydraConfig.initialized() or str(HydraConfig.get().mode) != "RunMode.MULTIRUN":
-        return
-    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0) != 0:
-        return
-    status = {"overrides": list(HydraConfig.get().overrides.task), "status": "stopped", "error": message}
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(run_dir / "status.json", json.dumps(status) + "\n", "the job status")
-    except (OSError, WriteFault) as e:  # the exit code says the rest; the summary shows it unfinished
-        print(f"warning: could not write {run_dir / 'status.json'}: {e}", file=sys.stderr, flush=True)
 
 
 UNFINISHED = {
