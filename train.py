@@ -26,7 +26,7 @@ from imgcls import distributed
 from imgcls.build import Data, build_model, build_optimizer, build_scheduler, load_data, seed_everything
 from imgcls.config import check_filled_in, check_writable, preflight, setup, validate_config
 from imgcls.device import pick_device
-from imgcls.exits import EXIT_JOB_FAILED, EXIT_SIGNAL, StopRequest, exit_cleanly, interrupted
+from imgcls.exits import EXIT_JOB_FAILED, StopRequest, exit_cleanly, interrupted
 from imgcls.reporting import Reporter, TrainLoss, log_results
 from imgcls.results import write_results
 from imgcls.runlock import RunLock, hold, write_config
@@ -61,12 +61,12 @@ def main(cfg: DictConfig) -> float | None:
     """Returns the best validation accuracy (the test accuracy without a validation split): the
     objective of hparams_search sweeps."""
     run_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
-    with exit_cleanly(run_dir) as outcome:
-        return recipe(cfg, run_dir)
+    with exit_cleanly(run_dir) as outcome, StopRequest() as stop:  # SIGTERM/SIGUSR2: imgcls.exits.SignalStop
+        return recipe(cfg, run_dir, stop)
     return outcome.failed  # a refused job of a multirun (imgcls.exits.JobFailed): the next one runs
 
 
-def recipe(cfg: DictConfig, run_dir: Path) -> float | None:
+def recipe(cfg: DictConfig, run_dir: Path, stop: StopRequest | None = None) -> float | None:
     from imgcls.checkpoint import resume
 
     composed = OmegaConf.to_yaml(cfg)  # as Hydra composed it: .hydra/config.yaml, once accepted
@@ -90,9 +90,9 @@ def recipe(cfg: DictConfig, run_dir: Path) -> float | None:
             if not (run_dir / "results.json").exists():  # its writing failed (a full disk): once more
                 write_results(run)
             return run.state.best_acc
-        stop = train(run)  # 8. loop
-        if stop:
-            sys.exit(EXIT_SIGNAL[stop])
+        stop = stop or StopRequest()
+        if train(run, stop) or stop.signal:  # 8. loop; a stop signal: checkpoint saved, then SignalStop
+            raise stop.stopped(run.state.step)
         write_results(run)  # 9. save (and the test split)
         log_results(run)  #    logger=mlflow: results.json, checkpoint
         distributed.shutdown(dist)
@@ -137,12 +137,12 @@ def build_extras(cfg: DictConfig, model, device, data: Data) -> Extras:
 # 7. resume: imgcls/checkpoint.py (what a checkpoint holds: State, Extras; resume, save)
 # 8. loop
 # --------------------------------------------------------------------------------------
-def train(run: Run) -> str | None:
+def train(run: Run, stop: StopRequest) -> str | None:
     """The loop. Returns the name of the signal that stopped it, or None when it finished."""
     from imgcls.checkpoint import checkpoint_due
 
     loop, state = Loop(run), run.state
-    with StopRequest() as stop, Reporter(loop) as report:
+    with stop.loop(), Reporter(loop) as report:
         for epoch in range(state.epoch, run.cfg.trainer.epochs):
             stopped = run_epoch(loop, report, epoch, stop)  # True: stopped at a step boundary
             if not stopped:

@@ -1,6 +1,9 @@
-"""Data parallel through torchrun: `torchrun --nproc_per_node=N train.py ...`.
+"""Data parallel through torchrun (`torchrun --nproc_per_node=N train.py ...`) or SLURM's srun
+(`srun --ntasks-per-node=N train.py ...`, and hydra/launcher=slurm with tasks_per_node=N).
 
-torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; with WORLD_SIZE > 1 train.py joins a process
+torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; srun sets SLURM_PROCID, SLURM_STEP_NUM_TASKS
+and SLURM_LOCALID, which ``slurm_ranks`` turns into torchrun's variables (the rendezvous on the
+step's first node, a port from the job id). With WORLD_SIZE > 1 train.py joins a process
 group (NCCL on CUDA, gloo on the CPU), wraps the model in DistributedDataParallel, keeps the
 whole training set on each rank's device (rank r trains on images r::N of each global batch),
 and lets only rank 0 write logs, results and checkpoints. Without torchrun everything here is a no-op.
@@ -28,8 +31,45 @@ class Dist:
         return self.rank == 0
 
 
+def slurm_ranks(env=None) -> dict[str, str]:
+    """Under srun (a job step of several tasks) and not torchrun: torchrun's variables from
+    SLURM's, {} otherwise. RANK = SLURM_PROCID, WORLD_SIZE = SLURM_STEP_NUM_TASKS (set by srun
+    only: a batch script's own process, where SLURM_NTASKS is the job's, stays alone),
+    LOCAL_RANK = SLURM_LOCALID, MASTER_ADDR = the step's first node, MASTER_PORT = 15000 +
+    the job id mod 20000 (two jobs on one node do not share it); MASTER_ADDR/MASTER_PORT
+    already set win."""
+    env = os.environ if env is None else env
+    if "WORLD_SIZE" in env or int(env.get("SLURM_STEP_NUM_TASKS", "1") or 1) <= 1 or "SLURM_PROCID" not in env:
+        return {}
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "localhost"
+    return {
+        "RANK": env["SLURM_PROCID"],
+        "WORLD_SIZE": env["SLURM_STEP_NUM_TASKS"],
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(nodelist),
+        "MASTER_PORT": env.get("MASTER_PORT") or str(15000 + int(env.get("SLURM_JOB_ID", "0") or 0) % 20000),
+    }
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: "gpu[03-05,07],cpu1" -> "gpu03" (what `scontrol show
+    hostnames` prints first), without asking scontrol."""
+    depth, head = 0, ""
+    for ch in nodelist:  # the first entry: up to a comma outside brackets
+        if ch == "," and depth == 0:
+            break
+        depth += (ch == "[") - (ch == "]")
+        head += ch
+    if "[" not in head:
+        return head
+    prefix, rest = head.split("[", 1)
+    ranges, suffix = rest.split("]", 1)
+    return prefix + ranges.split(",", 1)[0].split("-", 1)[0] + suffix
+
+
 def init(use_cuda: bool) -> Dist:
-    """Join the process group torchrun describes in the environment (if any)."""
+    """Join the process group torchrun (or srun: slurm_ranks) describes in the environment (if any)."""
+    os.environ.update(slurm_ranks())
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()

@@ -1,15 +1,33 @@
 """The end of a training run: the test split read once (``final_test``) and results.json
 (``write_results``), beside the evaluation code they use (imgcls/evaluate.py). ``run`` is
-train.py's Run (cfg, run_dir, data, model, state, device, dist, extras). Light at import
-(train.py imports it at start-up: wall_seconds counts from then); torch inside the functions.
+train.py's Run (cfg, run_dir, data, model, state, device, dist, extras). Light at import;
+torch inside the functions. ``wall_seconds`` counts from this process's start (``process_start``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 
-PROCESS_START = time.time()
+
+def process_start() -> float:
+    """When this process started (epoch seconds), as the kernel recorded it: /proc/self/stat's
+    start time after boot plus /proc/stat's boot time; where there is no /proc, when this module
+    was imported (train.py imports it at start-up). A job that a launcher (submitit) started in a
+    fresh process counts from that process's start, not the sweep's."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime, in clock ticks
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration, AttributeError):
+        return IMPORTED
+
+
+IMPORTED = time.time()
+PROCESS_START = min(process_start(), IMPORTED)  # /proc/stat's boot time is whole seconds
 
 
 def final_test(run) -> dict:

@@ -66,6 +66,7 @@ TIERS = {
         "test_runlock",
         "test_model_selection",
         "test_hooks",
+        "test_slurm",
     ),
 }
 

@@ -125,6 +125,8 @@ def check(argv: list[str], run: bool, conf: Path) -> str | None:
     words = list(argv)
     if {"&&", "||", "|", ";"} & set(words):
         return "one command per line (no &&, ||, | or ;)"
+    if words[0] == "srun" and not run:  # srun --option=value ... COMMAND: the command, checked as below
+        return check(next(words[i:] for i, w in enumerate(words) if i and not w.startswith("-")), run, conf)
     if words[0] in PYTHONS and words[1:2] == ["train.py"]:
         code, out = train_cli(words[2:]) if run else compose(words[2:])
         return None if code == 0 else f"exit {code}: {out.strip()[-600:]}"
