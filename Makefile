@@ -29,7 +29,15 @@ lint: $(STAMP)  ## ruff: lint and format check (config in pyproject.toml); `make
 	$(PY) -m ruff format --check .
 
 test: $(STAMP) lint  ## lint, then the test suite (slow tests included; GPU tests say why they skip)
+ifeq ($(strip $(ARGS)),)
+	@# tests/test_slurm.py mostly waits on SLURM (a requeued job is held ~2 min): beside the rest, not after it
+	@$(PY) -m pytest -q -p no:cacheprovider tests/test_slurm.py > .test_slurm.log 2>&1 & slurm=$$!; \
+	$(PY) -m pytest --ignore=tests/test_slurm.py; rest=$$?; \
+	wait $$slurm; code=$$?; echo "--- tests/test_slurm.py (run beside the rest):"; cat .test_slurm.log; \
+	rm -f .test_slurm.log; exit $$(( rest != 0 ? rest : code ))
+else
 	$(PY) -m pytest $(ARGS)
+endif
 
 test-fast: $(STAMP)  ## the test suite without the slow tier
 	$(PY) -m pytest -m "not slow" $(ARGS)
