@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_train
 
 CLUSTER_DIR = Path(os.environ.get("IMGCLS_SLURM_DIR", "/tmp/imgcls-slurm"))
 LAUNCHER = (
@@ -391,13 +391,7 @@ def test_sigusr2_checkpoints_at_the_step_then_hands_over_to_the_launchers_requeu
         assert out.returncode == 255 and (tmp_path / "requeue-asked").exists(), out.stdout + out.stderr
     else:  # no launcher: the documented exit code, 128 + 12
         assert out.returncode == 140 and not (tmp_path / "requeue-asked").exists(), out.stdout + out.stderr
-    again = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "experiment=smoke", f"hydra.run.dir={run}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    again = run_train("experiment=smoke", f"hydra.run.dir={run}", check=False)
     assert again.returncode == 0 and "at step 5 (epoch 0, batch 5)" in again.stdout, again.stdout + again.stderr
 
 
@@ -414,13 +408,7 @@ def test_sigterm_at_start_up_and_in_the_final_test_ends_the_run_with_143(tmp_pat
     assert out.returncode == 143, out.stdout + out.stderr
     assert "SIGTERM in the final test (the run's last checkpoint is saved" in out.stdout
     assert (run / "checkpoints" / "last.pt").exists() and not (run / "results.json").exists()
-    again = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "experiment=smoke", f"hydra.run.dir={run}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    again = run_train("experiment=smoke", f"hydra.run.dir={run}", check=False)
     assert again.returncode == 0 and "already finished" in again.stdout, again.stdout + again.stderr
     assert (run / "results.json").exists()
 
