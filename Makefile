@@ -28,11 +28,11 @@ lint: $(STAMP)  ## ruff: lint and format check (config in pyproject.toml); `make
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-LANE2 := tests/test_slurm.py tests/test_gpu_report.py tests/test_gpu_recipe_cpu.py
+LANE2 := tests/test_slurm.py tests/test_gpu_report.py tests/test_gpu_recipe_cpu.py tests/test_faults.py
 test: $(STAMP) lint  ## lint, then the test suite (slow tests included; GPU tests say why they skip)
 ifeq ($(strip $(ARGS)),)
 	@# a second lane beside the rest (CI has 2 cores; the suite is one process): tests/test_slurm.py
-	@# mostly waits on SLURM (a requeued job is held ~2 min); the GPU-path tests on the CPU are ~3 min of CPU
+	@# mostly waits on SLURM (a requeued job is held ~2 min); the GPU-path tests and the fault trials balance it
 	@$(PY) -m pytest -q -p no:cacheprovider $(LANE2) > .test_lane2.log 2>&1 & lane2=$$!; \
 	$(PY) -m pytest $(addprefix --ignore=,$(LANE2)); rest=$$?; \
 	wait $$lane2; code=$$?; echo "--- $(LANE2) (run beside the rest):"; cat .test_lane2.log; \
