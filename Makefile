@@ -38,7 +38,8 @@ LANE_THREADS := $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n > 3 ? n /
 test: $(STAMP) lint  ## lint, then the test suite (slow tests included; GPU tests say why they skip)
 ifeq ($(strip $(ARGS)),)
 	@# a second lane beside the rest (CI has 2 cores; the suite is one process): tests/test_slurm.py
-	@# mostly waits on SLURM (a requeued job is held ~2 min); the GPU-path tests and the fault trials balance it
+	@# mostly waits on SLURM (jobs and requeues: minutes, little CPU); the GPU-path tests, the fault
+	@# trials and the compiled timm run balance it
 	@export OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(LANE_THREADS)}; \
 	$(PY) -m pytest -q -p no:cacheprovider $(LANE2) > .test_lane2.log 2>&1 & lane2=$$!; \
 	$(PY) -m pytest $(LANE1_SKIP); rest=$$?; \

@@ -3,15 +3,15 @@
 The cluster is tools/slurm_cluster.py's single node (`.ci/run` starts it where it can: root,
 the Debian packages); it is found through SLURM_CONF (else the script's default directory) and
 `sinfo`, and every test here skips, saying why, where none answers. Waiting is what these tests
-do most (SLURM holds a requeued job about 2 minutes before it starts again), so every job is
-submitted at once by the module's first fixture and each test then waits for its own:
+do most, so every job is submitted at once by the module's first fixture and each test then
+waits for its own (SLURM holds a requeued job about 2 minutes before it starts again: the tests
+lift that hold, `scontrol update StartTime=now`, as it is SLURM's own behaviour, not this project's):
 
 - a two-job sweep through the launcher: summary.csv lists both, completed;
 - a time-limited job (`timeout_min=2`, SIGUSR2 `signal_delay_s=75` s before the limit: 15 to 45 s
   after the start, SLURM checks every 30 s): train.py checkpoints at the next step boundary,
   submitit requeues it, and the requeued job resumes at that step and ends with the metrics of
-  an uninterrupted run (the test raises the requeued job's limit so that one more run finishes
-  it, and lifts SLURM's 2-minute hold of it: the preempted job shows that hold is waited out);
+  an uninterrupted run (the test raises the requeued job's limit so that one more run finishes it);
 - a preempted job (`scontrol requeue`: SIGTERM, exit 143, SLURM requeues it) likewise;
 - `srun -n2 python train.py`, and the launcher with `tasks_per_node=2`: one 2-rank job, one results.json;
 - a request no node can hold: refused in one line before anything is submitted.
@@ -51,7 +51,7 @@ LAUNCHER = (
 # CPU: 2000 steps; evaluation every 25 epochs keeps the cost in the steps.
 LONG = ("experiment=smoke", "trainer.epochs=250", "trainer.eval_every=25")
 SHORT = ("experiment=smoke", "trainer.epochs=20", "trainer.eval_every=5")
-WAIT_S = 420  # one job's longest wait: a run, the requeue hold (~2 min), the rest of the run
+WAIT_S = 420  # one job's longest wait: a run, the requeue (its hold lifted), the rest of the run
 
 
 def cluster_env() -> tuple[dict | None, str]:
@@ -145,32 +145,38 @@ def preempt_at_step_40(sweep: Path, env: dict, seen: dict) -> None:
         seen["preempt_ids"] = ids
         subprocess.run(["scontrol", "requeue", ids[0]], env=env, check=True, timeout=30, capture_output=True)
         seen["preempt_status"] = wait_until(lambda: (st := status_of(sweep / "0")) and st, 60, "")
+        start_now(ids[0], env)
     except (AssertionError, subprocess.SubprocessError, IndexError, OSError) as e:
         seen["preempt_error"] = repr(e)
+
+
+def start_now(job_id: str, env: dict, *settings: str) -> None:
+    """Once the requeued job is PENDING: SLURM's 2-minute hold of it lifted (StartTime=now),
+    with ``settings`` (scontrol's Key=Value) changed too."""
+
+    def pending():
+        out = subprocess.run(["scontrol", "-o", "show", "job", job_id], env=env, capture_output=True, text=True)
+        return "JobState=PENDING" in out.stdout
+
+    wait_until(pending, 60, "")
+    subprocess.run(
+        ["scontrol", "update", f"JobId={job_id}", *settings, "StartTime=now"],
+        env=env,
+        check=True,
+        timeout=30,
+        capture_output=True,
+    )
 
 
 def lift_limit_after_requeue(sweep: Path, env: dict, seen: dict) -> None:
     """Once the time-limit warning stopped the job (status.json) and submitit requeued it
     (PENDING): its limit raised so that one more run finishes it (a second warning would cost
-    another requeue), and SLURM's 2-minute hold of a requeued job lifted (StartTime=now; the
-    preempted job waits it out, beside this one)."""
+    another requeue), and its hold lifted."""
     try:
         seen["timelimit_status"] = wait_until(lambda: (st := status_of(sweep / "0")) and st, 240, "")
         ids = job_ids(sweep)
         seen["timelimit_ids"] = ids
-
-        def pending():
-            out = subprocess.run(["scontrol", "-o", "show", "job", ids[0]], env=env, capture_output=True, text=True)
-            return "JobState=PENDING" in out.stdout
-
-        wait_until(pending, 60, "")
-        subprocess.run(
-            ["scontrol", "update", f"JobId={ids[0]}", "TimeLimit=15", "StartTime=now"],
-            env=env,
-            check=True,
-            timeout=30,
-            capture_output=True,
-        )
+        start_now(ids[0], env, "TimeLimit=15")
     except (AssertionError, subprocess.SubprocessError, IndexError, OSError) as e:
         seen["timelimit_error"] = repr(e)
 

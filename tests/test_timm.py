@@ -271,8 +271,10 @@ def test_resume_of_a_model_with_dropout_and_drop_path_is_bit_identical(tmp_path)
 
 
 @pytest.mark.slow
-def test_compiled_timm_model_trains_and_saves_plain_weights(tmp_path):
+def test_compiled_timm_model_trains_and_saves_plain_weights(tmp_path, monkeypatch):
     run = tmp_path / "run"
+    # inductor's cache in a fresh folder: it compiles here as on a fresh CI machine, whatever ran before
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor_cache"))
     # compiling dominates (train and eval graphs): 2 steps and 1 evaluation batch are enough
     run_train(
         *TIMM_SMOKE,
@@ -283,6 +285,7 @@ def test_compiled_timm_model_trains_and_saves_plain_weights(tmp_path):
         f"hydra.run.dir={run}",
         timeout=600,
     )
+    assert any((tmp_path / "inductor_cache").rglob("*.py")), "inductor wrote no kernels: nothing compiled"
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     plain = timm.create_model("test_resnet", num_classes=10)
     assert ckpt["model"].keys() == plain.state_dict().keys()  # never the compiled wrapper's _orig_mod.*
