@@ -216,6 +216,28 @@ def run_recipe(run_dir: Path, *overrides: str, check: bool = True) -> subprocess
     return proc
 
 
+def run_recipe_until_sigterm(run_dir: Path, overrides, after_lines: int) -> subprocess.CompletedProcess:
+    """run_recipe, with a real SIGTERM sent to this process once metrics.jsonl has
+    ``after_lines`` lines (before the next training step; the step it logged last in
+    ``.signalled_at``): what run_until_sigterm does to a subprocess, deterministic and without
+    its start-up. train.py's handler answers it at the next step boundary (exit 143)."""
+    import imgcls.step
+
+    real, log, sent = imgcls.step.train_step, Path(run_dir) / "metrics.jsonl", []
+
+    def step(*args, **kwargs):
+        if not sent and log.exists() and len(lines := log.read_text().splitlines()) >= after_lines:
+            sent.append(max(json.loads(line)["step"] for line in lines))
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(imgcls.step, "train_step", step)  # train.py's loop looks it up at every step
+        done = run_recipe(run_dir, *overrides, check=False)
+    done.signalled_at = sent[0] if sent else None
+    return done
+
+
 def run_until_sigterm(run_dir, overrides, after_lines: int, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run train.py, and once metrics.jsonl has ``after_lines`` lines: pause it (SIGSTOP), note
     the last step it logged (in ``.signalled_at``), send SIGTERM and let it go on (SIGCONT)."""

@@ -10,7 +10,7 @@ from torch import nn
 
 from imgcls.loss import classification_loss
 from imgcls.step import StepSettings, train_step
-from tests.conftest import assert_same_weights, metrics, run_recipe, run_until_sigterm, weights
+from tests.conftest import assert_same_weights, metrics, run_recipe, run_recipe_until_sigterm, weights
 
 
 def _steps(accumulate: int, clip: float | None, seen: list | None = None) -> nn.Module:
@@ -41,7 +41,7 @@ def test_an_accumulating_run_stopped_and_resumed_equals_an_uninterrupted_one(tmp
     overrides = ["experiment=smoke", "trainer.accumulate_grad_batches=4"]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     run_recipe(whole, *overrides)  # in process: bit-identical to a subprocess, without its start-up
-    stopped = run_until_sigterm(parts, overrides, after_lines=3)  # mid-epoch 1: between optimizer steps
+    stopped = run_recipe_until_sigterm(parts, overrides, after_lines=3)  # mid-epoch 1: between optimizer steps
     assert stopped.returncode == 143, stopped.stdout[-2000:]
     run_recipe(parts, *overrides)
     assert metrics(parts) == metrics(whole)

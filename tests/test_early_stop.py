@@ -1,7 +1,7 @@
 """Early stopping (trainer.early_stop_patience / early_stop_min_delta): a run ends normally when
 validation stops improving, says so in results.json, reads the test split once at the end, and
-a stopped-and-resumed run keeps the counter (system tier: a real SIGTERM to train.py in a
-subprocess; the runs that need no signal run in process)."""
+a stopped-and-resumed run keeps the counter (system tier: the refusal through train.py in a
+subprocess; the runs in process, the SIGTERM sent to this process)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from tests.conftest import metrics, run_recipe, run_train, run_until_sigterm
+from tests.conftest import metrics, run_recipe, run_recipe_until_sigterm, run_train
 
 # min_delta 0.99: no evaluation after the first can count as a gain, so the run stops after
 # exactly 1 + patience evaluations (a deterministic plateau on the synthetic data).
@@ -46,7 +46,7 @@ def test_a_resumed_run_keeps_the_counter(tmp_path):
     run_recipe(whole, *overrides)  # in process: bit-identical to a subprocess, without its start-up
     # 4 lines an epoch (3 train lines, 1 evaluation): the 9th is in epoch 3, after 1 evaluation
     # without a gain; a counter reset by the resume would stop one epoch later
-    stopped = run_until_sigterm(parts, overrides, after_lines=9)
+    stopped = run_recipe_until_sigterm(parts, overrides, after_lines=9)
     assert stopped.returncode == 143, stopped.stdout[-2000:]
     run_recipe(parts, *overrides)
     a, b = (json.loads((d / "results.json").read_text()) for d in (whole, parts))

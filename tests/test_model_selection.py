@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import time
 
 import pytest
 import torch
 
-from tests.conftest import ROOT, run_module, run_recipe, run_train, train_cmd
+from tests.conftest import ROOT, run_module, run_recipe, run_recipe_until_sigterm, run_train, train_cmd
 
 SMOKE_VAL = ["experiment=smoke", "data.val_size=64"]  # 448 train images: 7 steps of 64 per epoch
 
@@ -81,19 +80,6 @@ def _popen(run_dir, overrides):
     )
 
 
-def _sigterm_after(run_dir, overrides, lines: int):
-    proc = _popen(run_dir, overrides)
-    log = run_dir / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if log.exists() and len(log.read_text().splitlines()) >= lines:
-            proc.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.005)
-    out, err = proc.communicate(timeout=300)
-    return proc.returncode, out, err
-
-
 @pytest.mark.slow
 def test_resume_is_bit_identical_with_ema_swa_fp16_and_clipping(tmp_path):
     common = [
@@ -111,8 +97,8 @@ def test_resume_is_bit_identical_with_ema_swa_fp16_and_clipping(tmp_path):
     full = tmp_path / "full"
     run_recipe(full, *common)
     part = tmp_path / "part"
-    code, out, _ = _sigterm_after(part, common, lines=9)  # 6 lines an epoch (5 steps, 1 evaluation): epoch 2
-    assert code == 143, out
+    stopped = run_recipe_until_sigterm(part, common, after_lines=9)  # 6 lines an epoch (5 steps, 1 evaluation)
+    assert stopped.returncode == 143, stopped.stdout[-2000:]
     assert 5 < ckpt(part)["state"]["step"] < 15
     run_recipe(part, *common)
     assert metrics(part) == metrics(full)
@@ -155,8 +141,8 @@ def test_resume_path_then_the_same_command_continues_the_new_run(tmp_path):
     second = tmp_path / "second"
     # the source run finished at lr 0: another epoch from it only when forced
     command = [*SMOKE_VAL, "trainer.epochs=2", "trainer.log_every=1", f"resume={source}", "resume_force=true"]
-    code, out, _ = _sigterm_after(second, command, lines=4)
-    assert code == 143
+    stopped = run_recipe_until_sigterm(second, command, after_lines=4)
+    assert stopped.returncode == 143, stopped.stdout[-2000:]
     step = ckpt(second)["state"]["step"]
     assert step > 7
     again = run_recipe(second, *command)

@@ -20,8 +20,8 @@ from tests.conftest import (  # noqa: E402
     metrics,
     run_module,
     run_recipe,
+    run_recipe_until_sigterm,
     run_train,
-    run_until_sigterm,
     train_cmd,
     weights,
 )
@@ -240,7 +240,7 @@ def test_train_checkpoint_and_sigterm_resume_are_bit_identical(tmp_path):
     plain.load_state_dict(ckpt["model"])
 
     part = tmp_path / "part"
-    stopped = run_until_sigterm(part, common, after_lines=11)  # 8 steps + 1 evaluation + 2: mid epoch 2
+    stopped = run_recipe_until_sigterm(part, common, after_lines=11)  # 8 steps + 1 evaluation + 2: mid epoch 2
     assert stopped.returncode == 143, stopped.stdout
     resumed = run_recipe(part, *common)
     assert "resumed from" in resumed.stdout
