@@ -36,7 +36,7 @@ test: $(STAMP) lint  ## lint, then the test suite (slow tests included; GPU test
 ifeq ($(strip $(ARGS)),)
 	@# a second lane beside the rest (CI has 2 cores; the suite is one process): tests/test_slurm.py
 	@# waits on SLURM for minutes (its jobs run beside the rest); the GPU-path tests and the fault trials
-	@# balance it (measured: the main lane 9 min 47 s, this one 11 min 48 s with timm's compile too)
+	@# balance it (measured on a fresh clone: the main lane 10 min 46 s, this one 10 min 41 s)
 	@export OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(LANE_THREADS)}; \
 	$(PY) -m pytest -q -p no:cacheprovider $(LANE2) > .test_lane2.log 2>&1 & lane2=$$!; \
 	$(PY) -m pytest $(addprefix --ignore=,$(LANE2)); rest=$$?; \
